@@ -1,0 +1,46 @@
+"""samx: Sharpness-Aware Minimization variants as composable optax transformations.
+
+One ``update`` call is one training step::
+
+  tx = samx.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
+  updates, opt_state = tx.update(grads, opt_state, params,
+                                 grad_fn=lambda p: jax.grad(loss_fn)(p, batch))
+"""
+
+from samx import masks, numerics
+from samx.aliases import asam, sam
+from samx.ascent import (
+    ScaleBySAMState,
+    radius_per_leaf,
+    scale_by_asam,
+    scale_by_sam,
+    scale_by_weight_magnitude,
+)
+from samx.combination import Combination, use_perturbed_gradient
+from samx.evaluation import axis_mean, perturbed_gradient
+from samx.flax_integration import linen_grad_fn, nnx_grad_fn
+from samx.masks import weight_leaves
+from samx.pipeline import SharpnessAwareState, sharpness_aware
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Combination",
+    "ScaleBySAMState",
+    "SharpnessAwareState",
+    "asam",
+    "axis_mean",
+    "linen_grad_fn",
+    "masks",
+    "nnx_grad_fn",
+    "numerics",
+    "perturbed_gradient",
+    "radius_per_leaf",
+    "sam",
+    "scale_by_asam",
+    "scale_by_sam",
+    "scale_by_weight_magnitude",
+    "sharpness_aware",
+    "use_perturbed_gradient",
+    "weight_leaves",
+]

@@ -1,0 +1,130 @@
+"""The published algorithms by name: each is a choice of stage pieces."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+from samx import ascent as ascent_blocks
+from samx.masks import Mask
+from samx.pipeline import sharpness_aware
+
+__all__ = ["asam", "sam"]
+
+
+def sam(
+    optimizer: optax.GradientTransformation,
+    rho: Any = 0.05,
+    *,
+    eps: float = 1e-12,
+    ball: ascent_blocks.Ball = "l2",
+    axis_name: str | None = None,
+    sync_ascent: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Sharpness-Aware Minimization in one ``update`` call per step.
+
+  .. math::
+    \epsilon = \rho\,\frac{g}{\|g\| + \mathrm{eps}}, \qquad
+    g_s = \nabla L(w + \epsilon), \qquad
+    \Delta w = \mathrm{optimizer}(g_s)
+
+  Call ``update`` with ``params`` and ``grad_fn``::
+
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   grad_fn=lambda p: jax.grad(loss_fn)(p, batch))
+
+  Args:
+    optimizer: the base optimizer, e.g. ``optax.sgd(0.1, momentum=0.9)``.
+    rho: the radius :math:`\rho` >= 0: a number, a schedule, or a per-leaf pytree.
+    eps: the stabiliser in the normalisation, > 0.
+    ball: ``"l2"`` (SAM) or ``"linf"`` (:math:`\epsilon = \rho\,\mathrm{sign}(g)`).
+    axis_name: the data-parallel axis under ``pmap`` / ``shard_map``.
+    sync_ascent: average ``g`` over ``axis_name`` before the ascent (one global
+      ``eps``); ``False`` gives one ``eps`` per device.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  >>> import jax, jax.numpy as jnp, optax
+  >>> tx = sam(optax.sgd(0.1), rho=0.05)
+  >>> loss = lambda p: jnp.sum(p ** 2)
+  >>> params = jnp.array([0.6, 0.8])
+  >>> updates, state = tx.update(jax.grad(loss)(params), tx.init(params), params,
+  ...                            grad_fn=jax.grad(loss))
+  >>> [round(float(u), 4) for u in updates]   # -0.1 * 2 * (w + 0.05 * w / |w|)
+  [-0.126, -0.168]
+
+  References:
+    Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+    Generalization <https://arxiv.org/abs/2010.01412>`_, 2021
+  """
+  return sharpness_aware(
+      optimizer,
+      ascent_blocks.scale_by_sam(rho, eps=eps, ball=ball),
+      axis_name=axis_name,
+      sync_ascent=sync_ascent,
+      name="samx.sam",
+  )
+
+
+def asam(
+    optimizer: optax.GradientTransformation,
+    rho: Any = 0.5,
+    eta: Any = 0.01,
+    *,
+    mask: Mask = None,
+    layerwise: bool = False,
+    eps: float = 1e-12,
+    ball: ascent_blocks.Ball = "l2",
+    axis_name: str | None = None,
+    sync_ascent: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adaptive SAM: SAM in the coordinates rescaled by :math:`T_w = |w| + \eta`.
+
+  .. math::
+    \epsilon = \rho\,\frac{T_w^2 \odot g}{\|T_w \odot g\| + \mathrm{eps}}, \qquad
+    \Delta w = \mathrm{optimizer}(\nabla L(w + \epsilon))
+
+  :math:`T_w` acts on the leaves selected by ``mask`` (default: ``ndim >= 2``, the
+  kernels) and is 1 elsewhere. ``eta=0`` with an all-leaves mask is the common
+  PyTorch form; ``layerwise=True`` uses :math:`\|w_\ell\| + \eta` per leaf.
+
+  Args:
+    optimizer: the base optimizer.
+    rho: the radius, >= 0 (ASAM needs about 10x SAM's; default 0.5).
+    eta: the offset :math:`\eta` >= 0 (default 0.01).
+    mask: the leaves that get :math:`T_w` (pytree of booleans or callable).
+      Under :func:`optax.inject_hyperparams`, pass ``static_args="mask"`` for a
+      callable mask.
+    layerwise: one scalar :math:`T` per leaf instead of elementwise.
+    eps: the stabiliser in the normalisation, > 0.
+    ball: ``"l2"`` or ``"linf"`` (:math:`\epsilon = \rho\, T_w \odot \mathrm{sign}(g)`).
+    axis_name: the data-parallel axis under ``pmap`` / ``shard_map``.
+    sync_ascent: average ``g`` over ``axis_name`` before the ascent.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  >>> import jax, jax.numpy as jnp, optax
+  >>> tx = asam(optax.sgd(1.0), rho=1.0, eta=0.0)
+  >>> loss = lambda p: jnp.sum(p["w"])
+  >>> params = {"w": jnp.array([[1.0, 2.0]])}
+  >>> updates, _ = tx.update(jax.grad(loss)(params), tx.init(params), params,
+  ...                        grad_fn=jax.grad(loss))
+  >>> updates["w"]
+  Array([[-1., -1.]], dtype=float32)
+
+  References:
+    Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
+    Learning of Deep Neural Networks <https://arxiv.org/abs/2102.11600>`_, 2021
+  """
+  return sharpness_aware(
+      optimizer,
+      ascent_blocks.scale_by_asam(
+          rho, eta, mask=mask, layerwise=layerwise, eps=eps, ball=ball
+      ),
+      axis_name=axis_name,
+      sync_ascent=sync_ascent,
+      name="samx.asam",
+  )

@@ -1,0 +1,114 @@
+"""Flax helpers: build ``grad_fn`` from an NNX model or a linen ``apply`` function.
+
+Both helpers evaluate the perturbed pass without writing any state back: the
+BatchNorm running statistics (and any other mutable collection) of the model are
+only changed by the clean pass the user runs, as SAM requires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+
+__all__ = ["linen_grad_fn", "nnx_grad_fn"]
+
+
+def nnx_grad_fn(
+    model: nnx.Module,
+    loss_fn: Callable[..., Any],
+    *args: Any,
+    wrt: Any = nnx.Param,
+    has_aux: bool = False,
+    **kwargs: Any,
+) -> Callable[[Any], Any]:
+  """``grad_fn(params) -> grads`` for an NNX model, for ``nnx.Optimizer.update``.
+
+  The returned function merges ``params`` (the state filtered by ``wrt``, as
+  :class:`flax.nnx.Optimizer` passes it) with a snapshot of the model's other
+  state, calls ``loss_fn(model, *args, **kwargs)`` on that copy and returns the
+  gradient. Whatever the copy writes (BatchNorm statistics, RNG counters) is
+  discarded, so the perturbed pass leaves ``model`` untouched.
+
+  Args:
+    model: the NNX module (as it is at the clean pass).
+    loss_fn: ``loss_fn(model, *args, **kwargs) -> loss`` (or ``(loss, aux)``
+      with ``has_aux=True``; the aux output is dropped).
+    *args: positional arguments for ``loss_fn`` after the model (the batch).
+    wrt: the filter of differentiated state; it must match the optimizer's.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    **kwargs: keyword arguments for ``loss_fn``.
+
+  Returns:
+    A function of the parameter state returning its gradient.
+
+  >>> import jax.numpy as jnp, optax, samx
+  >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  >>> optimizer = nnx.Optimizer(model, samx.sam(optax.sgd(0.1)), wrt=nnx.Param)
+  >>> x, y = jnp.ones((4, 2)), jnp.zeros((4, 1))
+  >>> loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
+  >>> grads = nnx.grad(loss_fn)(model, x, y)
+  >>> before = loss_fn(model, x, y)
+  >>> _ = optimizer.update(model, grads, grad_fn=nnx_grad_fn(model, loss_fn, x, y))
+  >>> bool(loss_fn(model, x, y) < before)
+  True
+  """
+  graphdef, _, rest = nnx.split(model, wrt, ...)
+
+  def loss_of_params(params):
+    out = loss_fn(nnx.merge(graphdef, params, rest, copy=True), *args, **kwargs)
+    return out
+
+  return jax.grad(loss_of_params, has_aux=has_aux) if not has_aux else (
+      lambda params: jax.grad(loss_of_params, has_aux=True)(params)[0]
+  )
+
+
+def linen_grad_fn(
+    apply_fn: Callable[..., Any],
+    loss_fn: Callable[[Any, Any], Any],
+    inputs: Any,
+    targets: Any,
+    *,
+    collections: Mapping[str, Any] | None = None,
+    **apply_kwargs: Any,
+) -> Callable[[Any], Any]:
+  """``grad_fn(params) -> grads`` for a linen model's ``apply``.
+
+  The loss at ``params`` is ``loss_fn(apply_fn({"params": params, **collections},
+  inputs, **apply_kwargs), targets)``. The non-parameter ``collections`` (e.g.
+  ``{"batch_stats": state.batch_stats}``) are passed as mutable, so BatchNorm runs
+  in training mode on the batch, and their updates are discarded.
+
+  Args:
+    apply_fn: the module's ``apply`` (e.g. ``TrainState.apply_fn``).
+    loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+    inputs: the model inputs of the current batch.
+    targets: the targets of the current batch.
+    collections: other variable collections, e.g. ``{"batch_stats": ...}``.
+    **apply_kwargs: passed to ``apply_fn`` (``train=True``, ``rngs=...``).
+
+  Returns:
+    A function of the parameters returning their gradient.
+
+  >>> import flax.linen as nn, jax.numpy as jnp
+  >>> model = nn.Dense(1)
+  >>> params = model.init(jax.random.key(0), jnp.ones((1, 2)))["params"]
+  >>> mse = lambda out, y: jnp.mean((out - y) ** 2)
+  >>> grad_fn = linen_grad_fn(model.apply, mse, jnp.ones((4, 2)), jnp.zeros((4, 1)))
+  >>> jax.tree.map(jnp.shape, grad_fn(params))
+  {'bias': (1,), 'kernel': (2, 1)}
+  """
+  collections = dict(collections or {})
+
+  def loss_of_params(params):
+    variables = {"params": params, **collections}
+    if collections:
+      outputs, _ = apply_fn(variables, inputs, mutable=list(collections), **apply_kwargs)
+    else:
+      outputs = apply_fn(variables, inputs, **apply_kwargs)
+    return loss_fn(outputs, targets)
+
+  return jax.grad(loss_of_params)

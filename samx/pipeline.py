@@ -1,0 +1,113 @@
+"""The sharpness-aware step: ascent -> evaluate -> combine -> descend, in one ``update``.
+
+:func:`sharpness_aware` wires the four stages into one
+:class:`optax.GradientTransformationExtraArgs`. One call to ``update`` is one
+training step: the base optimizer's state, schedules and counters advance once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import optax
+
+from samx import checks
+from samx.combination import Combination, use_perturbed_gradient
+from samx.evaluation import axis_mean, perturbed_gradient
+
+__all__ = ["SharpnessAwareState", "sharpness_aware"]
+
+
+class SharpnessAwareState(NamedTuple):
+  """State of :func:`sharpness_aware` and of every samx alias.
+
+  Attributes:
+    ascent_state: state of the ascent transformation (g -> eps).
+    combine_state: state of the combination (g, g_s -> d).
+    base_state: state of the base optimizer (d -> updates).
+  """
+
+  ascent_state: Any
+  combine_state: Any
+  base_state: Any
+
+
+def sharpness_aware(
+    optimizer: optax.GradientTransformation,
+    ascent: optax.GradientTransformation,
+    *,
+    combination: Combination | None = None,
+    axis_name: str | None = None,
+    sync_ascent: bool = True,
+    name: str = "sharpness_aware",
+) -> optax.GradientTransformationExtraArgs:
+  r"""Builds a sharpness-aware optimizer from its four stages.
+
+  For the gradient ``g`` given as ``updates``:
+
+  .. math::
+    \epsilon = \mathrm{ascent}(g), \quad
+    g_s = \mathrm{grad\_fn}(w + \epsilon), \quad
+    d = \mathrm{combination}(g, g_s), \quad
+    \Delta w = \mathrm{optimizer}(d)
+
+  ``update`` needs ``params`` and the keyword extra argument
+  ``grad_fn(params) -> grads`` (the gradient of the loss on the current batch).
+  Other extra arguments are passed on to the ascent and the base optimizer.
+
+  Args:
+    optimizer: the base optax optimizer (the descent stage), used unchanged.
+    ascent: a transformation mapping ``g`` to the perturbation ``eps``, e.g.
+      :func:`samx.scale_by_sam`.
+    combination: the combine stage; default :func:`samx.use_perturbed_gradient`.
+    axis_name: the named data-parallel axis under ``pmap`` / ``shard_map``; the
+      perturbed gradient is averaged over it. ``None`` under plain ``jit``.
+    sync_ascent: with ``axis_name``, average ``g`` over the axis before the ascent
+      (one global ``eps``); ``False`` keeps one ``eps`` per device (m-sharpness).
+    name: the name used in error messages.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` with state
+    :class:`SharpnessAwareState`.
+
+  >>> import jax, jax.numpy as jnp
+  >>> from samx import scale_by_sam
+  >>> tx = sharpness_aware(optax.sgd(0.1), scale_by_sam(0.5))
+  >>> loss = lambda p: jnp.sum(p ** 2)
+  >>> params = jnp.array([3.0, 4.0])
+  >>> updates, state = tx.update(jax.grad(loss)(params), tx.init(params), params,
+  ...                            grad_fn=jax.grad(loss))
+  >>> [round(float(u), 4) for u in updates]   # -0.1 * 2 * (w + 0.5 * w / |w|)
+  [-0.66, -0.88]
+  """
+  if combination is None:
+    combination = use_perturbed_gradient()
+  ascent = optax.with_extra_args_support(ascent)
+  optimizer = optax.with_extra_args_support(optimizer)
+
+  def init_fn(params):
+    return SharpnessAwareState(
+        ascent_state=ascent.init(params),
+        combine_state=combination.init(params),
+        base_state=optimizer.init(params),
+    )
+
+  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+    checks.require_params(params, name)
+    checks.require_grad_fn(grad_fn, name)
+    checks.check_same_structure("grads", updates, "params", params)
+    grads = axis_mean(updates, axis_name) if sync_ascent else updates
+    perturbation, ascent_state = ascent.update(
+        grads, state.ascent_state, params, **extra_args
+    )
+    perturbed_grads = perturbed_gradient(grad_fn, params, perturbation, who=name)
+    perturbed_grads = axis_mean(perturbed_grads, axis_name)
+    direction, combine_state = combination.update(
+        grads, perturbed_grads, state.combine_state, params
+    )
+    updates, base_state = optimizer.update(
+        direction, state.base_state, params, **extra_args
+    )
+    return updates, SharpnessAwareState(ascent_state, combine_state, base_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
