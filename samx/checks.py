@@ -49,7 +49,13 @@ def _check(name: str, value: Any, ok: Callable[[float], bool], form: str) -> Non
     raise TypeError(f"{name} must be {form}: {err}") from None
   bad = [v for v in values if not ok(v)]
   if bad:
-    raise ValueError(f"{name} must be {form}; got {name}={value!r}")
+    hint = ""
+    if any(np.dtype(getattr(x, "dtype", np.float64)).itemsize < 4 for x in jax.tree.leaves(value)):
+      hint = (
+          " (a low-precision array: under optax.inject_hyperparams, pass "
+          "hyperparam_dtype=jnp.float32 so small values do not round to 0)"
+      )
+    raise ValueError(f"{name} must be {form}; got {name}={value!r}{hint}")
 
 
 def check_nonnegative(name: str, value: Any) -> None:
