@@ -10,11 +10,11 @@ One ``update`` call is one training step::
 from samx import masks, numerics
 from samx.aliases import asam, sam
 from samx.ascent import (
-    ScaleBySAMState,
-    radius_per_leaf,
-    scale_by_asam,
-    scale_by_sam,
-    scale_by_weight_magnitude,
+  ScaleBySAMState,
+  radius_per_leaf,
+  scale_by_asam,
+  scale_by_sam,
+  scale_by_weight_magnitude,
 )
 from samx.combination import Combination, use_perturbed_gradient
 from samx.evaluation import axis_mean, perturbed_gradient
@@ -25,22 +25,22 @@ from samx.pipeline import SharpnessAwareState, sharpness_aware
 __version__ = "0.1.0"
 
 __all__ = [
-    "Combination",
-    "ScaleBySAMState",
-    "SharpnessAwareState",
-    "asam",
-    "axis_mean",
-    "linen_grad_fn",
-    "masks",
-    "nnx_grad_fn",
-    "numerics",
-    "perturbed_gradient",
-    "radius_per_leaf",
-    "sam",
-    "scale_by_asam",
-    "scale_by_sam",
-    "scale_by_weight_magnitude",
-    "sharpness_aware",
-    "use_perturbed_gradient",
-    "weight_leaves",
+  "Combination",
+  "ScaleBySAMState",
+  "SharpnessAwareState",
+  "asam",
+  "axis_mean",
+  "linen_grad_fn",
+  "masks",
+  "nnx_grad_fn",
+  "numerics",
+  "perturbed_gradient",
+  "radius_per_leaf",
+  "sam",
+  "scale_by_asam",
+  "scale_by_sam",
+  "scale_by_weight_magnitude",
+  "sharpness_aware",
+  "use_perturbed_gradient",
+  "weight_leaves",
 ]

@@ -14,13 +14,13 @@ __all__ = ["asam", "sam"]
 
 
 def sam(
-    optimizer: optax.GradientTransformation,
-    rho: Any = 0.05,
-    *,
-    eps: float = 1e-12,
-    ball: ascent_blocks.Ball = "l2",
-    axis_name: str | None = None,
-    sync_ascent: bool = True,
+  optimizer: optax.GradientTransformation,
+  rho: Any = 0.05,
+  *,
+  eps: float = 1e-12,
+  ball: ascent_blocks.Ball = "l2",
+  axis_name: str | None = None,
+  sync_ascent: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization in one ``update`` call per step.
 
@@ -60,25 +60,25 @@ def sam(
     Generalization <https://arxiv.org/abs/2010.01412>`_, 2021
   """
   return sharpness_aware(
-      optimizer,
-      ascent_blocks.scale_by_sam(rho, eps=eps, ball=ball),
-      axis_name=axis_name,
-      sync_ascent=sync_ascent,
-      name="samx.sam",
+    optimizer,
+    ascent_blocks.scale_by_sam(rho, eps=eps, ball=ball),
+    axis_name=axis_name,
+    sync_ascent=sync_ascent,
+    name="samx.sam",
   )
 
 
 def asam(
-    optimizer: optax.GradientTransformation,
-    rho: Any = 0.5,
-    eta: Any = 0.01,
-    *,
-    mask: Mask = None,
-    layerwise: bool = False,
-    eps: float = 1e-12,
-    ball: ascent_blocks.Ball = "l2",
-    axis_name: str | None = None,
-    sync_ascent: bool = True,
+  optimizer: optax.GradientTransformation,
+  rho: Any = 0.5,
+  eta: Any = 0.01,
+  *,
+  mask: Mask = None,
+  layerwise: bool = False,
+  eps: float = 1e-12,
+  ball: ascent_blocks.Ball = "l2",
+  axis_name: str | None = None,
+  sync_ascent: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM: SAM in the coordinates rescaled by :math:`T_w = |w| + \eta`.
 
@@ -120,11 +120,9 @@ def asam(
     Learning of Deep Neural Networks <https://arxiv.org/abs/2102.11600>`_, 2021
   """
   return sharpness_aware(
-      optimizer,
-      ascent_blocks.scale_by_asam(
-          rho, eta, mask=mask, layerwise=layerwise, eps=eps, ball=ball
-      ),
-      axis_name=axis_name,
-      sync_ascent=sync_ascent,
-      name="samx.asam",
+    optimizer,
+    ascent_blocks.scale_by_asam(rho, eta, mask=mask, layerwise=layerwise, eps=eps, ball=ball),
+    axis_name=axis_name,
+    sync_ascent=sync_ascent,
+    name="samx.asam",
   )

@@ -16,16 +16,16 @@ import jax
 import numpy as np
 
 __all__ = [
-    "check_nonnegative",
-    "check_positive",
-    "check_same_structure",
-    "require_grad_fn",
-    "require_params",
+  "check_nonnegative",
+  "check_positive",
+  "check_same_structure",
+  "require_grad_fn",
+  "require_params",
 ]
 
 GRAD_FN_CALL = (
-    "    updates, opt_state = tx.update(grads, opt_state, params,\n"
-    "                                   grad_fn=lambda p: jax.grad(loss_fn)(p, batch))"
+  "    updates, opt_state = tx.update(grads, opt_state, params,\n"
+  "                                   grad_fn=lambda p: jax.grad(loss_fn)(p, batch))"
 )
 
 
@@ -38,7 +38,7 @@ def _concrete_values(value: Any):
       yield from np.asarray(leaf, dtype=np.float64).ravel()
     else:
       raise TypeError(
-          f"expected a number, an array, a schedule or a pytree of them; got {leaf!r}"
+        f"expected a number, an array, a schedule or a pytree of them; got {leaf!r}"
       )
 
 
@@ -50,10 +50,11 @@ def _check(name: str, value: Any, ok: Callable[[float], bool], form: str) -> Non
   bad = [v for v in values if not ok(v)]
   if bad:
     hint = ""
-    if any(np.dtype(getattr(x, "dtype", np.float64)).itemsize < 4 for x in jax.tree.leaves(value)):
+    leaves = jax.tree.leaves(value)
+    if any(np.dtype(getattr(x, "dtype", np.float64)).itemsize < 4 for x in leaves):
       hint = (
-          " (a low-precision array: under optax.inject_hyperparams, pass "
-          "hyperparam_dtype=jnp.float32 so small values do not round to 0)"
+        " (a low-precision array: under optax.inject_hyperparams, pass "
+        "hyperparam_dtype=jnp.float32 so small values do not round to 0)"
       )
     raise ValueError(f"{name} must be {form}; got {name}={value!r}{hint}")
 
@@ -67,10 +68,10 @@ def check_nonnegative(name: str, value: Any) -> None:
   ValueError: rho must be a non-negative number, schedule or pytree of them; got rho=-0.1
   """
   _check(
-      name,
-      value,
-      lambda v: v >= 0,
-      "a non-negative number, schedule or pytree of them",
+    name,
+    value,
+    lambda v: v >= 0,
+    "a non-negative number, schedule or pytree of them",
   )
 
 
@@ -89,8 +90,8 @@ def require_params(params: Any, who: str) -> None:
   """Raises when ``params`` is ``None``: the SAM family perturbs the parameters."""
   if params is None:
     raise ValueError(
-        f"{who} needs the current parameters to perturb them: call "
-        "tx.update(grads, opt_state, params, grad_fn=...) with params, not params=None."
+      f"{who} needs the current parameters to perturb them: call "
+      "tx.update(grads, opt_state, params, grad_fn=...) with params, not params=None."
     )
 
 
@@ -98,13 +99,13 @@ def require_grad_fn(grad_fn: Any, who: str) -> None:
   """Raises when the ``grad_fn`` extra argument is missing or not callable."""
   if grad_fn is None:
     raise TypeError(
-        f"{who} needs the keyword argument grad_fn(params) -> grads to evaluate the "
-        f"gradient at the perturbed parameters. Call it as\n{GRAD_FN_CALL}"
+      f"{who} needs the keyword argument grad_fn(params) -> grads to evaluate the "
+      f"gradient at the perturbed parameters. Call it as\n{GRAD_FN_CALL}"
     )
   if not callable(grad_fn):
     raise TypeError(
-        f"{who}: grad_fn must be a callable grad_fn(params) -> grads; got "
-        f"{type(grad_fn).__name__}. Call it as\n{GRAD_FN_CALL}"
+      f"{who}: grad_fn must be a callable grad_fn(params) -> grads; got "
+      f"{type(grad_fn).__name__}. Call it as\n{GRAD_FN_CALL}"
     )
 
 
@@ -122,15 +123,15 @@ def check_same_structure(name_a: str, a: Any, name_b: str, b: Any) -> None:
   if tree_a != tree_b:
     width = max(len(name_a), len(name_b)) + 1
     raise ValueError(
-        f"{name_a} and {name_b} must have the same tree structure.\n"
-        f"  {name_a + ':':<{width}} {tree_a}\n  {name_b + ':':<{width}} {tree_b}"
+      f"{name_a} and {name_b} must have the same tree structure.\n"
+      f"  {name_a + ':':<{width}} {tree_a}\n  {name_b + ':':<{width}} {tree_b}"
     )
   for path_leaf_a, leaf_b in zip(
-      jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
+    jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
   ):
     path, leaf_a = path_leaf_a
     if np.shape(leaf_a) != np.shape(leaf_b):
       raise ValueError(
-          f"{name_a} and {name_b} differ in shape at {jax.tree_util.keystr(path)}: "
-          f"{np.shape(leaf_a)} vs {np.shape(leaf_b)}"
+        f"{name_a} and {name_b} differ in shape at {jax.tree_util.keystr(path)}: "
+        f"{np.shape(leaf_a)} vs {np.shape(leaf_b)}"
       )

@@ -35,19 +35,19 @@ def axis_mean(tree: Any, axis_name: str | None) -> Any:
     return jax.lax.pmean(tree, axis_name)
   except NameError as err:
     raise NameError(
-        f"axis_name={axis_name!r} is not bound here: run the training step under "
-        f"jax.pmap(..., axis_name={axis_name!r}) or jax.shard_map over a mesh with that "
-        "axis, or pass axis_name=None under plain jax.jit (sharded arrays need no axis "
-        f"name). ({err})"
+      f"axis_name={axis_name!r} is not bound here: run the training step under "
+      f"jax.pmap(..., axis_name={axis_name!r}) or jax.shard_map over a mesh with that "
+      "axis, or pass axis_name=None under plain jax.jit (sharded arrays need no axis "
+      f"name). ({err})"
     ) from None
 
 
 def perturbed_gradient(
-    grad_fn: Callable[[Any], Any],
-    params: Any,
-    perturbation: Any,
-    *,
-    who: str = "samx",
+  grad_fn: Callable[[Any], Any],
+  params: Any,
+  perturbation: Any,
+  *,
+  who: str = "samx",
 ) -> Any:
   r"""Evaluates :math:`g_s = \nabla L(w + \epsilon)` with the user's ``grad_fn``.
 

@@ -17,12 +17,12 @@ __all__ = ["linen_grad_fn", "nnx_grad_fn"]
 
 
 def nnx_grad_fn(
-    model: nnx.Module,
-    loss_fn: Callable[..., Any],
-    *args: Any,
-    wrt: Any = nnx.Param,
-    has_aux: bool = False,
-    **kwargs: Any,
+  model: nnx.Module,
+  loss_fn: Callable[..., Any],
+  *args: Any,
+  wrt: Any = nnx.Param,
+  has_aux: bool = False,
+  **kwargs: Any,
 ) -> Callable[[Any], Any]:
   """``grad_fn(params) -> grads`` for an NNX model, for ``nnx.Optimizer.update``.
 
@@ -61,19 +61,21 @@ def nnx_grad_fn(
     out = loss_fn(nnx.merge(graphdef, params, rest, copy=True), *args, **kwargs)
     return out
 
-  return jax.grad(loss_of_params, has_aux=has_aux) if not has_aux else (
-      lambda params: jax.grad(loss_of_params, has_aux=True)(params)[0]
+  return (
+    jax.grad(loss_of_params, has_aux=has_aux)
+    if not has_aux
+    else (lambda params: jax.grad(loss_of_params, has_aux=True)(params)[0])
   )
 
 
 def linen_grad_fn(
-    apply_fn: Callable[..., Any],
-    loss_fn: Callable[[Any, Any], Any],
-    inputs: Any,
-    targets: Any,
-    *,
-    collections: Mapping[str, Any] | None = None,
-    **apply_kwargs: Any,
+  apply_fn: Callable[..., Any],
+  loss_fn: Callable[[Any, Any], Any],
+  inputs: Any,
+  targets: Any,
+  *,
+  collections: Mapping[str, Any] | None = None,
+  **apply_kwargs: Any,
 ) -> Callable[[Any], Any]:
   """``grad_fn(params) -> grads`` for a linen model's ``apply``.
 

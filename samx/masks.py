@@ -10,14 +10,14 @@ leaf shapes and tree structure, never from values, so they do not change under
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import jax
 import numpy as np
 
 __all__ = ["Mask", "resolve_mask", "weight_leaves"]
 
-Mask = Union[None, Any, Callable[[Any], Any]]
+Mask = Any | Callable[[Any], Any] | None
 
 
 def weight_leaves(params: Any) -> Any:
@@ -55,20 +55,19 @@ def resolve_mask(mask: Mask, params: Any, *, default: Callable[[Any], Any], name
     mask = default
   selection = mask(params) if callable(mask) else mask
   try:
-    return jax.tree.map(lambda m, sub: jax.tree.map(lambda _: _as_bool(m, name), sub),
-                        selection, params)
+    return jax.tree.map(
+      lambda m, sub: jax.tree.map(lambda _: _as_bool(m, name), sub), selection, params
+    )
   except ValueError as err:
     raise ValueError(
-        f"{name} must be a pytree of booleans with the structure of params (or a prefix "
-        f"of it), or a callable params -> such a pytree.\n"
-        f"  {name}:   {jax.tree.structure(selection)}\n"
-        f"  params: {jax.tree.structure(params)}\n({err})"
+      f"{name} must be a pytree of booleans with the structure of params (or a prefix "
+      f"of it), or a callable params -> such a pytree.\n"
+      f"  {name}:   {jax.tree.structure(selection)}\n"
+      f"  params: {jax.tree.structure(params)}\n({err})"
     ) from None
 
 
 def _as_bool(value: Any, name: str) -> bool:
   if isinstance(value, (bool, np.bool_)):
     return bool(value)
-  raise TypeError(
-      f"{name} leaves must be Python booleans (static under jit); got {value!r}"
-  )
+  raise TypeError(f"{name} leaves must be Python booleans (static under jit); got {value!r}")

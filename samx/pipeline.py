@@ -33,13 +33,13 @@ class SharpnessAwareState(NamedTuple):
 
 
 def sharpness_aware(
-    optimizer: optax.GradientTransformation,
-    ascent: optax.GradientTransformation,
-    *,
-    combination: Combination | None = None,
-    axis_name: str | None = None,
-    sync_ascent: bool = True,
-    name: str = "sharpness_aware",
+  optimizer: optax.GradientTransformation,
+  ascent: optax.GradientTransformation,
+  *,
+  combination: Combination | None = None,
+  axis_name: str | None = None,
+  sync_ascent: bool = True,
+  name: str = "sharpness_aware",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Builds a sharpness-aware optimizer from its four stages.
 
@@ -87,9 +87,9 @@ def sharpness_aware(
 
   def init_fn(params):
     return SharpnessAwareState(
-        ascent_state=ascent.init(params),
-        combine_state=combination.init(params),
-        base_state=optimizer.init(params),
+      ascent_state=ascent.init(params),
+      combine_state=combination.init(params),
+      base_state=optimizer.init(params),
     )
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
@@ -97,17 +97,13 @@ def sharpness_aware(
     checks.require_grad_fn(grad_fn, name)
     checks.check_same_structure("grads", updates, "params", params)
     grads = axis_mean(updates, axis_name) if sync_ascent else updates
-    perturbation, ascent_state = ascent.update(
-        grads, state.ascent_state, params, **extra_args
-    )
+    perturbation, ascent_state = ascent.update(grads, state.ascent_state, params, **extra_args)
     perturbed_grads = perturbed_gradient(grad_fn, params, perturbation, who=name)
     perturbed_grads = axis_mean(perturbed_grads, axis_name)
     direction, combine_state = combination.update(
-        grads, perturbed_grads, state.combine_state, params
+      grads, perturbed_grads, state.combine_state, params
     )
-    updates, base_state = optimizer.update(
-        direction, state.base_state, params, **extra_args
-    )
+    updates, base_state = optimizer.update(direction, state.base_state, params, **extra_args)
     return updates, SharpnessAwareState(ascent_state, combine_state, base_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -21,9 +21,9 @@ def make_problem(seed: int = 0, batch: int = BATCH):
   """Params (float64 NumPy) and a batch (x, y)."""
   rng = np.random.default_rng(seed)
   params = {
-      "W1": rng.normal(size=(IN, HIDDEN)) / np.sqrt(IN),
-      "b1": rng.normal(size=(HIDDEN,)) * 0.1,
-      "W2": rng.normal(size=(HIDDEN, OUT)) / np.sqrt(HIDDEN),
+    "W1": rng.normal(size=(IN, HIDDEN)) / np.sqrt(IN),
+    "b1": rng.normal(size=(HIDDEN,)) * 0.1,
+    "W2": rng.normal(size=(HIDDEN, OUT)) / np.sqrt(HIDDEN),
   }
   x = rng.normal(size=(batch, IN))
   y = rng.normal(size=(batch, OUT))
@@ -74,9 +74,7 @@ def run_steps(tx, params, batches, loss=loss_jax):
   @jax.jit
   def step(params, state, batch):
     grads = jax.grad(loss)(params, batch)
-    updates, state = tx.update(
-        grads, state, params, grad_fn=lambda p: jax.grad(loss)(p, batch)
-    )
+    updates, state = tx.update(grads, state, params, grad_fn=lambda p: jax.grad(loss)(p, batch))
     return jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates), state
 
   state = tx.init(params)

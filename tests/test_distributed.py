@@ -19,8 +19,8 @@ STEPS = 3
 AXIS = "data"
 
 FACTORIES = {
-    "sam": lambda **kw: samx.sam(optax.sgd(0.1, momentum=0.9), rho=0.05, **kw),
-    "asam": lambda **kw: samx.asam(optax.sgd(0.1, momentum=0.9), rho=0.5, **kw),
+  "sam": lambda **kw: samx.sam(optax.sgd(0.1, momentum=0.9), rho=0.05, **kw),
+  "asam": lambda **kw: samx.asam(optax.sgd(0.1, momentum=0.9), rho=0.5, **kw),
 }
 
 
@@ -62,7 +62,7 @@ def test_pmap_synced_equals_single_device(variant):
     shards = jax.tree.map(lambda x: x.reshape(DEVICES, PER_DEVICE, *x.shape[1:]), batch)
     p, s = step(p, s, shards)
   for d in (0, DEVICES - 1):
-    _close(jax.tree.map(lambda x: x[d], p), expected)
+    _close(jax.tree.map(lambda x, d=d: x[d], p), expected)
 
 
 @pytest.mark.parametrize("check_vma", [False, True])
@@ -83,12 +83,12 @@ def test_shard_map_synced_equals_single_device(variant, check_vma):
   mesh = _mesh()
   with jax.set_mesh(mesh):
     step = jax.jit(
-        jax.shard_map(
-            _sgd_step(tx, loss),
-            in_specs=(P(), P(), P(AXIS)),
-            out_specs=(P(), P()),
-            check_vma=check_vma,
-        )
+      jax.shard_map(
+        _sgd_step(tx, loss),
+        in_specs=(P(), P(), P(AXIS)),
+        out_specs=(P(), P()),
+        check_vma=check_vma,
+      )
     )
     p, s = params, tx.init(params)
     for batch in batches:
@@ -117,7 +117,7 @@ def test_pmap_per_device_perturbation_is_m_sharpness():
     shards = jax.tree.map(lambda x: x.reshape(DEVICES, PER_DEVICE, *x.shape[1:]), batch)
     per_shard = []
     for i in range(DEVICES):
-      shard = jax.tree.map(lambda x: x[i], shards)
+      shard = jax.tree.map(lambda x, i=i: x[i], shards)
       g = helpers.grad_numpy(params, shard)
       norm = helpers.np_norm(g)
       e = {k: rho * v / (norm + 1e-12) for k, v in g.items()}

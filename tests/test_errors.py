@@ -15,18 +15,21 @@ GRAD_FN = lambda p: jax.tree.map(jnp.ones_like, p)
 
 
 @pytest.mark.parametrize(
-    "make, pattern",
-    [
-        (lambda: samx.sam(optax.sgd(0.1), rho=-0.1), r"rho must be a non-negative.*rho=-0.1"),
-        (lambda: samx.sam(optax.sgd(0.1), rho={"w": 0.1, "b": -1.0}), r"rho must be"),
-        (lambda: samx.sam(optax.sgd(0.1), eps=0.0), r"eps must be a positive number.*eps=0.0"),
-        (lambda: samx.sam(optax.sgd(0.1), eps=-1e-12), r"eps must be a positive"),
-        (lambda: samx.asam(optax.sgd(0.1), eta=-0.01), r"eta must be a non-negative.*eta=-0.01"),
-        (lambda: samx.asam(optax.sgd(0.1), rho=-0.5), r"rho must be a non-negative"),
-        (lambda: samx.asam(optax.sgd(0.1), eps=0), r"eps must be a positive"),
-        (lambda: samx.sam(optax.sgd(0.1), ball="l1"), r"ball must be one of \('l2', 'linf'\)"),
-        (lambda: samx.scale_by_sam(rho=-1.0), r"rho must be"),
-    ],
+  "make, pattern",
+  [
+    (lambda: samx.sam(optax.sgd(0.1), rho=-0.1), r"rho must be a non-negative.*rho=-0.1"),
+    (lambda: samx.sam(optax.sgd(0.1), rho={"w": 0.1, "b": -1.0}), r"rho must be"),
+    (lambda: samx.sam(optax.sgd(0.1), eps=0.0), r"eps must be a positive number.*eps=0.0"),
+    (lambda: samx.sam(optax.sgd(0.1), eps=-1e-12), r"eps must be a positive"),
+    (lambda: samx.asam(optax.sgd(0.1), eta=-0.01), r"eta must be.*eta=-0.01"),
+    (lambda: samx.asam(optax.sgd(0.1), rho=-0.5), r"rho must be a non-negative"),
+    (lambda: samx.asam(optax.sgd(0.1), eps=0), r"eps must be a positive"),
+    (
+      lambda: samx.sam(optax.sgd(0.1), ball="l1"),
+      r"ball must be one of \('l2', 'linf'\)",
+    ),
+    (lambda: samx.scale_by_sam(rho=-1.0), r"rho must be"),
+  ],
 )
 def test_bad_hyperparameters_raise_value_error(make, pattern):
   with pytest.raises(ValueError, match=pattern):
@@ -54,8 +57,11 @@ def test_grad_fn_not_callable():
 def test_grad_fn_with_wrong_structure_names_both():
   tx = samx.sam(optax.sgd(0.1))
   bad = lambda p: {"w": jnp.ones((2, 3))}
-  with pytest.raises(ValueError, match=r"grad_fn\(params\) output and params(.|\n)*"
-                                       r"grad_fn\(params\) output:(.|\n)*params:"):
+  with pytest.raises(
+    ValueError,
+    match=r"grad_fn\(params\) output and params(.|\n)*"
+    r"grad_fn\(params\) output:(.|\n)*params:",
+  ):
     tx.update(GRADS, tx.init(PARAMS), PARAMS, grad_fn=bad)
 
 

@@ -59,61 +59,55 @@ def _batches(n, seed=1):
 
 
 CASES = {
-    "sam": (lambda: samx.sam(optax.sgd(LR, momentum=MOMENTUM), rho=0.05), {"rho": 0.05}),
-    "sam_linf": (
-        lambda: samx.sam(optax.sgd(LR, momentum=MOMENTUM), rho=0.01, ball="linf"),
-        {"rho": 0.01, "ball": "linf"},
+  "sam": (lambda: samx.sam(optax.sgd(LR, momentum=MOMENTUM), rho=0.05), {"rho": 0.05}),
+  "sam_linf": (
+    lambda: samx.sam(optax.sgd(LR, momentum=MOMENTUM), rho=0.01, ball="linf"),
+    {"rho": 0.01, "ball": "linf"},
+  ),
+  "asam": (
+    lambda: samx.asam(optax.sgd(LR, momentum=MOMENTUM)),
+    {
+      "rho": 0.5,
+      "asam": {"eta": 0.01, "mask": {"W1": True, "b1": False, "W2": True}, "layerwise": False},
+    },
+  ),
+  "asam_pytorch_form": (
+    lambda: samx.asam(
+      optax.sgd(LR, momentum=MOMENTUM),
+      rho=0.3,
+      eta=0.0,
+      mask=lambda p: jax.tree.map(lambda _: True, p),
     ),
-    "asam": (
-        lambda: samx.asam(optax.sgd(LR, momentum=MOMENTUM)),
-        {
-            "rho": 0.5,
-            "asam": {"eta": 0.01, "mask": {"W1": True, "b1": False, "W2": True},
-                     "layerwise": False},
-        },
+    {
+      "rho": 0.3,
+      "asam": {"eta": 0.0, "mask": {"W1": True, "b1": True, "W2": True}, "layerwise": False},
+    },
+  ),
+  "asam_layerwise": (
+    lambda: samx.asam(optax.sgd(LR, momentum=MOMENTUM), rho=0.2, eta=0.1, layerwise=True),
+    {
+      "rho": 0.2,
+      "asam": {"eta": 0.1, "mask": {"W1": True, "b1": False, "W2": True}, "layerwise": True},
+    },
+  ),
+  "asam_linf": (
+    lambda: samx.asam(optax.sgd(LR, momentum=MOMENTUM), rho=0.05, ball="linf"),
+    {
+      "rho": 0.05,
+      "ball": "linf",
+      "asam": {"eta": 0.01, "mask": {"W1": True, "b1": False, "W2": True}, "layerwise": False},
+    },
+  ),
+  "sam_per_leaf_rho": (
+    lambda: samx.sam(optax.sgd(LR, momentum=MOMENTUM), rho={"W1": 0.1, "b1": 0.0, "W2": 0.03}),
+    {"rho": {"W1": 0.1, "b1": 0.0, "W2": 0.03}},
+  ),
+  "sam_schedule_rho": (
+    lambda: samx.sam(
+      optax.sgd(LR, momentum=MOMENTUM), rho=lambda t: 0.02 + 0.05 * jnp.minimum(t, 4)
     ),
-    "asam_pytorch_form": (
-        lambda: samx.asam(
-            optax.sgd(LR, momentum=MOMENTUM),
-            rho=0.3,
-            eta=0.0,
-            mask=lambda p: jax.tree.map(lambda _: True, p),
-        ),
-        {
-            "rho": 0.3,
-            "asam": {"eta": 0.0, "mask": {"W1": True, "b1": True, "W2": True},
-                     "layerwise": False},
-        },
-    ),
-    "asam_layerwise": (
-        lambda: samx.asam(optax.sgd(LR, momentum=MOMENTUM), rho=0.2, eta=0.1, layerwise=True),
-        {
-            "rho": 0.2,
-            "asam": {"eta": 0.1, "mask": {"W1": True, "b1": False, "W2": True},
-                     "layerwise": True},
-        },
-    ),
-    "asam_linf": (
-        lambda: samx.asam(optax.sgd(LR, momentum=MOMENTUM), rho=0.05, ball="linf"),
-        {
-            "rho": 0.05,
-            "ball": "linf",
-            "asam": {"eta": 0.01, "mask": {"W1": True, "b1": False, "W2": True},
-                     "layerwise": False},
-        },
-    ),
-    "sam_per_leaf_rho": (
-        lambda: samx.sam(
-            optax.sgd(LR, momentum=MOMENTUM), rho={"W1": 0.1, "b1": 0.0, "W2": 0.03}
-        ),
-        {"rho": {"W1": 0.1, "b1": 0.0, "W2": 0.03}},
-    ),
-    "sam_schedule_rho": (
-        lambda: samx.sam(
-            optax.sgd(LR, momentum=MOMENTUM), rho=lambda t: 0.02 + 0.05 * jnp.minimum(t, 4)
-        ),
-        {"rho": lambda t: 0.02 + 0.05 * min(t, 4)},
-    ),
+    {"rho": lambda t: 0.02 + 0.05 * min(t, 4)},
+  ),
 }
 
 
@@ -125,15 +119,15 @@ def test_matches_numpy_float32(case, steps):
   batches = _batches(steps)
   expected = np_sam_run(params, batches, **reference_kwargs)
   actual, _ = helpers.run_steps(
-      make_tx(), helpers.to_jax(params, jnp.float32), helpers.to_jax(batches, jnp.float32)
+    make_tx(), helpers.to_jax(params, jnp.float32), helpers.to_jax(batches, jnp.float32)
   )
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(actual))
   assert helpers.relative_error(actual, expected) < 1e-6
   # The step is not the identity: the perturbation changes the result.
   plain = helpers.run_steps(
-      optax.sgd(LR, momentum=MOMENTUM),
-      helpers.to_jax(params, jnp.float32),
-      helpers.to_jax(batches, jnp.float32),
+    optax.sgd(LR, momentum=MOMENTUM),
+    helpers.to_jax(params, jnp.float32),
+    helpers.to_jax(batches, jnp.float32),
   )[0]
   assert helpers.relative_error(plain, expected) > 1e-5
 
@@ -146,15 +140,16 @@ def test_matches_numpy_float64(case):
   expected = np_sam_run(params, batches, **reference_kwargs)
   with jax.enable_x64(True):
     actual, _ = helpers.run_steps(
-        make_tx(), helpers.to_jax(params, jnp.float64), helpers.to_jax(batches, jnp.float64)
+      make_tx(), helpers.to_jax(params, jnp.float64), helpers.to_jax(batches, jnp.float64)
     )
     assert all(v.dtype == jnp.float64 for v in jax.tree.leaves(actual))
   assert helpers.relative_error(actual, expected) < 1e-12
 
 
 @pytest.mark.parametrize(
-    "base", [optax.sgd(LR), optax.sgd(LR, momentum=MOMENTUM), optax.adam(1e-2)],
-    ids=["sgd", "momentum", "adam"],
+  "base",
+  [optax.sgd(LR), optax.sgd(LR, momentum=MOMENTUM), optax.adam(1e-2)],
+  ids=["sgd", "momentum", "adam"],
 )
 @pytest.mark.parametrize("alias", ["sam", "asam"])
 def test_rho_zero_is_the_base_optimizer(base, alias):
@@ -179,25 +174,23 @@ def test_asam_with_unit_t_is_sam():
   assert helpers.relative_error(actual, helpers.to_numpy(expected)) < 1e-7
 
 
-@pytest.mark.parametrize(
-    "base", [optax.sgd(LR), optax.adam(1e-2)], ids=["sgd", "adam"]
-)
+@pytest.mark.parametrize("base", [optax.sgd(LR), optax.adam(1e-2)], ids=["sgd", "adam"])
 def test_equals_optax_contrib_sam_opaque(base):
   rho = 0.05
   params, _ = helpers.make_problem(0)
   params = helpers.to_jax(params, jnp.float32)
   batches = helpers.to_jax(_batches(5), jnp.float32)
   contrib = optax.contrib.sam(
-      base,
-      optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
-      opaque_mode=True,
+    base,
+    optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
+    opaque_mode=True,
   )
 
   @jax.jit
   def contrib_step(params, state, batch):
     grads = jax.grad(helpers.loss_jax)(params, batch)
     updates, state = contrib.update(
-        grads, state, params, grad_fn=lambda p, _: jax.grad(helpers.loss_jax)(p, batch)
+      grads, state, params, grad_fn=lambda p, _: jax.grad(helpers.loss_jax)(p, batch)
     )
     return optax.apply_updates(params, updates), state
 
@@ -222,8 +215,10 @@ def test_zero_gradient_gives_zero_perturbation():
     updates, _ = tx.update(zeros, tx.init(params), params, grad_fn=grad_fn)
     assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
     # grad_fn saw exactly the clean params: eps == 0, no NaN.
-    assert all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(seen[0]),
-                                                   jax.tree.leaves(params)))
+    assert all(
+      bool(jnp.all(a == b))
+      for a, b in zip(jax.tree.leaves(seen[0]), jax.tree.leaves(params), strict=True)
+    )
 
 
 def test_eps_underflowing_under_inject_hyperparams_is_reported():
