@@ -18,7 +18,7 @@ from samx.ascent import (
 )
 from samx.combination import Combination, use_perturbed_gradient
 from samx.evaluation import axis_mean, perturbed_gradient
-from samx.flax_integration import linen_grad_fn, nnx_grad_fn
+from samx.flax_integration import apply_gradients, linen_grad_fn, nnx_grad_fn
 from samx.masks import weight_leaves
 from samx.pipeline import SharpnessAwareState, sharpness_aware
 
@@ -28,6 +28,7 @@ __all__ = [
   "Combination",
   "ScaleBySAMState",
   "SharpnessAwareState",
+  "apply_gradients",
   "asam",
   "axis_mean",
   "linen_grad_fn",

@@ -11,9 +11,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import optax
 from flax import nnx
 
-__all__ = ["linen_grad_fn", "nnx_grad_fn"]
+__all__ = ["apply_gradients", "linen_grad_fn", "nnx_grad_fn"]
 
 
 def nnx_grad_fn(
@@ -58,14 +59,10 @@ def nnx_grad_fn(
   graphdef, _, rest = nnx.split(model, wrt, ...)
 
   def loss_of_params(params):
-    out = loss_fn(nnx.merge(graphdef, params, rest, copy=True), *args, **kwargs)
-    return out
+    loss = loss_fn(nnx.merge(graphdef, params, rest, copy=True), *args, **kwargs)
+    return loss[0] if has_aux else loss
 
-  return (
-    jax.grad(loss_of_params, has_aux=has_aux)
-    if not has_aux
-    else (lambda params: jax.grad(loss_of_params, has_aux=True)(params)[0])
-  )
+  return jax.grad(loss_of_params)
 
 
 def linen_grad_fn(
@@ -114,3 +111,42 @@ def linen_grad_fn(
     return loss_fn(outputs, targets)
 
   return jax.grad(loss_of_params)
+
+
+def apply_gradients(state: Any, *, grads: Any, grad_fn: Callable[[Any], Any], **changes: Any):
+  """``TrainState.apply_gradients`` that passes ``grad_fn`` on to a samx optimizer.
+
+  flax's :meth:`flax.training.train_state.TrainState.apply_gradients` treats its
+  keyword arguments as fields to replace, so it cannot hand ``grad_fn`` to
+  ``tx.update``. This does the same step (one ``tx.update``, ``step + 1``) with
+  ``grad_fn``; other keyword arguments replace fields, e.g. ``batch_stats=...``.
+
+  Args:
+    state: a linen ``TrainState`` (or a subclass) whose ``tx`` is a samx optimizer.
+    grads: the gradient of the loss at ``state.params``.
+    grad_fn: ``grad_fn(params) -> grads`` on the current batch, e.g. from
+      :func:`linen_grad_fn`.
+    **changes: other fields to replace.
+
+  Returns:
+    The updated state.
+
+  >>> import flax.linen as nn, jax.numpy as jnp, optax, samx
+  >>> from flax.training.train_state import TrainState
+  >>> model = nn.Dense(1)
+  >>> x, y = jnp.ones((4, 2)), jnp.zeros((4, 1))
+  >>> state = TrainState.create(apply_fn=model.apply, tx=samx.sam(optax.sgd(0.1)),
+  ...                           params=model.init(jax.random.key(0), x)["params"])
+  >>> mse = lambda out, y: jnp.mean((out - y) ** 2)
+  >>> grad_fn = linen_grad_fn(state.apply_fn, mse, x, y)
+  >>> state = apply_gradients(state, grads=grad_fn(state.params), grad_fn=grad_fn)
+  >>> int(state.step)
+  1
+  """
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+  return state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, updates),
+    opt_state=opt_state,
+    **changes,
+  )
