@@ -29,9 +29,15 @@ def nnx_grad_fn(
 
   The returned function merges ``params`` (the state filtered by ``wrt``, as
   :class:`flax.nnx.Optimizer` passes it) with a snapshot of the model's other
-  state, calls ``loss_fn(model, *args, **kwargs)`` on that copy and returns the
-  gradient. Whatever the copy writes (BatchNorm statistics, RNG counters) is
-  discarded, so the perturbed pass leaves ``model`` untouched.
+  state taken when ``nnx_grad_fn`` is called, calls ``loss_fn(model, *args,
+  **kwargs)`` on that copy and returns the gradient. Whatever the copy writes
+  (BatchNorm statistics, RNG counters) is discarded, so the perturbed pass leaves
+  ``model`` untouched.
+
+  Dropout: the copy draws its random keys from the snapshot's RNG state. Build
+  ``grad_fn`` *before* the clean pass and the perturbed pass reuses the clean
+  pass's dropout masks (the same sub-network at ``w`` and ``w + eps``); built
+  after it, the perturbed pass draws the keys the next clean pass will draw.
 
   Args:
     model: the NNX module (as it is at the clean pass).
@@ -56,13 +62,47 @@ def nnx_grad_fn(
   >>> bool(loss_fn(model, x, y) < before)
   True
   """
-  graphdef, _, rest = nnx.split(model, wrt, ...)
+  graphdef, selected, rest = nnx.split(model, wrt, ...)
+  rest = nnx.as_pure(rest)  # a snapshot: later writes to the model do not reach it
+  expected_paths = _state_paths(selected)
 
   def loss_of_params(params):
     loss = loss_fn(nnx.merge(graphdef, params, rest, copy=True), *args, **kwargs)
     return loss[0] if has_aux else loss
 
-  return jax.grad(loss_of_params)
+  def grad_fn(params):
+    _check_params_match_wrt(params, expected_paths, wrt)
+    return jax.grad(loss_of_params)(params)
+
+  return grad_fn
+
+
+def _state_paths(state: Any) -> set[tuple[Any, ...]]:
+  """The leaf paths of an NNX state (of Variables or of plain arrays) as plain keys."""
+  leaves = jax.tree_util.tree_leaves_with_path(
+    state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
+  return {
+    tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+    for path, _ in leaves
+  }
+
+
+def _check_params_match_wrt(params: Any, expected: set[tuple[Any, ...]], wrt: Any) -> None:
+  """Raises when ``params`` is not the state ``wrt`` selects (a filter mismatch)."""
+  got = _state_paths(params)
+  if got == expected:
+    return
+  raise ValueError(
+    f"nnx_grad_fn: grad_fn(params) got parameters that are not the model state selected "
+    f"by wrt={wrt!r}; nnx.Optimizer and nnx_grad_fn must use the same filter.\n"
+    f"  selected by wrt, not in params: {sorted(expected - got, key=str)}\n"
+    f"  in params, not selected by wrt: {sorted(got - expected, key=str)}\n"
+    "Call it as\n"
+    "    optimizer = nnx.Optimizer(model, tx, wrt=WRT)\n"
+    "    optimizer.update(model, grads,\n"
+    "                     grad_fn=samx.nnx_grad_fn(model, loss_fn, *batch, wrt=WRT))"
+  )
 
 
 def linen_grad_fn(
