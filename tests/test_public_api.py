@@ -14,9 +14,9 @@ PUBLIC = [name for name in samx.__all__ if not inspect.ismodule(getattr(samx, na
 def test_all_is_sorted_and_complete():
   assert samx.__all__ == sorted(samx.__all__)
   exported = {
-      name
-      for name, value in vars(samx).items()
-      if not name.startswith("_") and getattr(value, "__module__", "").startswith("samx")
+    name
+    for name, value in vars(samx).items()
+    if not name.startswith("_") and getattr(value, "__module__", "").startswith("samx")
   }
   assert exported <= set(samx.__all__)
 

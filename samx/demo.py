@@ -1,0 +1,540 @@
+"""The main job: SGD vs SAM vs ASAM on scikit-learn's digits with noisy labels.
+
+``python -m samx`` trains an MLP (64-256-256-10, ReLU, He-normal kernels, zero
+biases) on the digits data set that ships with scikit-learn (no download) and compares
+plain SGD with :func:`samx.sam` and :func:`samx.asam`:
+
+- **Data.** The 1,797 8x8 images are split once, by a fixed permutation that does
+  not depend on the seed, into 1,000 training and 797 test examples; pixels are
+  divided by 16 into [0, 1].
+- **Label noise.** Symmetric noise at rate ``noise`` (default 0.4): exactly
+  ``round(noise * 1000)`` training examples, chosen uniformly without replacement,
+  get a label drawn uniformly from the nine *other* classes, never their own, so the
+  realised noise rate is exactly the requested one (see :func:`symmetric_label_noise`).
+  The test labels stay clean.
+- **Training.** Mean softmax cross-entropy on the noisy labels;
+  ``optax.sgd(lr, momentum=0.9)`` for SGD, and the same SGD wrapped by
+  ``samx.sam(..., rho)`` / ``samx.asam(..., rho, eta=0.01)``, one
+  ``tx.update(grads, state, params, grad_fn=...)`` per step. Batch 64; each epoch
+  reshuffles the training set and drops the last incomplete batch (1000 // 64 = 15
+  steps per epoch).
+- **Seeds.** Seed ``s`` (``0 .. seeds - 1``) fixes the initialisation, the noise
+  draw and the batch order, and every optimizer gets the same ones (paired runs).
+  All seeds train at once under :func:`jax.vmap`; one epoch is one jitted
+  :func:`jax.lax.scan` over its minibatches followed by one evaluation of the clean
+  test accuracy. (Batching changes floating-point rounding, so a given seed can end a
+  few test examples apart when run with a different ``--seeds``.)
+- **Output.** A table of the final and the best (over epochs) clean test accuracy,
+  mean ± std over seeds (population std, ``ddof=0``); ``accuracy.png`` (clean test
+  accuracy per epoch, mean with a ±std band) and ``results.json`` in ``--out``.
+  "Best" picks the epoch on the test set itself: read it as how much a method loses
+  by memorising the noise, not as a held-out result.
+
+Calibration (defaults: 150 epochs, 3 seeds, lr 0.05, 40% noise; clean test
+accuracy, mean ± std over seeds; about 10-20 s per row on 2 CPU cores)::
+
+  optimizer       final           best
+  SGD             0.682 ± 0.015   0.912 ± 0.004
+  SAM  rho=0.5    0.730 ± 0.011   0.949 ± 0.004
+  SAM  rho=1      0.921 ± 0.005   0.945 ± 0.013   <- default
+  ASAM rho=1      0.685 ± 0.016   0.934 ± 0.005
+  ASAM rho=2      0.724 ± 0.023   0.947 ± 0.004
+  ASAM rho=2.5    0.778 ± 0.022   0.948 ± 0.003
+  ASAM rho=3      0.826 ± 0.022   0.949 ± 0.006   <- default
+  ASAM rho=3.5    0.900 ± 0.014   0.948 ± 0.006
+  ASAM rho=4      0.691 ± 0.140   0.819 ± 0.077   (unstable: one seed ends at 0.53)
+  ASAM rho=5      0.302 ± 0.154   0.568 ± 0.065
+  ASAM rho=8      0.138 ± 0.045   0.217 ± 0.017   (stuck near chance)
+
+All methods peak near 0.91-0.95 and then memorise the noisy labels; a large radius
+slows the memorisation, so the final accuracy rises with rho until training breaks
+down. SAM at rho=1 sits near chance for the first 20-30 epochs and the seeds leave
+it at different times (the wide band in the plot between epochs 40 and 100) before
+it settles at its final accuracy. ASAM's ``eta=0.01`` rescaling makes its perturbation
+about ``|w|`` times SAM's (``|w|`` ~ 0.1 here), hence the larger radius. The
+default ASAM radius, 3, is the largest value tried that is stable over six seeds
+with a margin below the breakdown at 4 (3.5 ends higher, 0.897 ± 0.016 over six
+seeds, but sits next to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from samx.aliases import asam, sam
+
+__all__ = [
+  "DEFAULT_RHO_ASAM",
+  "DEFAULT_RHO_SAM",
+  "VARIANTS",
+  "DemoConfig",
+  "add_demo_arguments",
+  "config_from_args",
+  "format_table",
+  "init_mlp",
+  "load_digits_split",
+  "mlp_apply",
+  "run_command",
+  "run_demo",
+  "symmetric_label_noise",
+]
+
+NUM_CLASSES = 10
+NUM_TRAIN = 1000
+LAYER_SIZES = (64, 256, 256, NUM_CLASSES)
+MOMENTUM = 0.9
+DEFAULT_RHO_SAM = 1.0
+DEFAULT_RHO_ASAM = 3.0
+ASAM_ETA = 0.01
+SPLIT_SEED = 0  # the train/test split is fixed, independent of --seeds
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+  """Settings of one demo run; the CLI flags map one to one onto these fields.
+
+  Attributes:
+    variants: the optimizers to compare, names from :data:`VARIANTS`.
+    rho_sam: SAM's radius.
+    rho_asam: ASAM's radius (with ``eta = 0.01``).
+    noise: the fraction of training labels replaced by a different class.
+    epochs: passes over the 1,000 training examples.
+    seeds: how many seeds (``0 .. seeds - 1``), trained together under ``vmap``.
+    lr: SGD's learning rate (momentum 0.9 for every optimizer).
+    batch_size: minibatch size; the last incomplete batch of an epoch is dropped.
+    out: the folder for ``accuracy.png`` and ``results.json``.
+    progress: show a tqdm progress bar over epochs.
+  """
+
+  variants: tuple[str, ...] = ("sgd", "sam", "asam")
+  rho_sam: float = DEFAULT_RHO_SAM
+  rho_asam: float = DEFAULT_RHO_ASAM
+  noise: float = 0.4
+  epochs: int = 150
+  seeds: int = 3
+  lr: float = 0.05
+  batch_size: int = 64
+  out: str = "samx-output"
+  progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One optimizer of the comparison.
+
+  Attributes:
+    label: the name shown in the table and the plot.
+    rho: the radius, ``None`` for plain SGD.
+    tx: the optax transformation.
+    sharpness_aware: whether ``update`` takes ``grad_fn`` (the samx contract).
+  """
+
+  label: str
+  rho: float | None
+  tx: optax.GradientTransformation
+  sharpness_aware: bool
+
+
+def _sgd(config: DemoConfig) -> Variant:
+  return Variant("SGD", None, optax.sgd(config.lr, momentum=MOMENTUM), False)
+
+
+def _sam(config: DemoConfig) -> Variant:
+  tx = sam(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_sam)
+  return Variant(f"SAM (rho={config.rho_sam:g})", config.rho_sam, tx, True)
+
+
+def _asam(config: DemoConfig) -> Variant:
+  tx = asam(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_asam, eta=ASAM_ETA)
+  return Variant(f"ASAM (rho={config.rho_asam:g})", config.rho_asam, tx, True)
+
+
+VARIANTS: dict[str, Callable[[DemoConfig], Variant]] = {
+  "sgd": _sgd,
+  "sam": _sam,
+  "asam": _asam,
+}
+"""The optimizers the demo knows, by ``--variants`` name."""
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Loads digits with the fixed 1,000 / 797 train / test split, pixels scaled by 1/16.
+
+  Returns:
+    ``(x_train, y_train, x_test, y_test)``: float32 inputs of shape ``(n, 64)`` in
+    [0, 1] and int32 labels in ``0 .. 9``; the labels are clean.
+  """
+  try:
+    from sklearn.datasets import load_digits
+  except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError("the samx demo needs scikit-learn: pip install 'samx[examples]'") from err
+  digits = load_digits()
+  x = (digits.data / 16.0).astype(np.float32)
+  y = digits.target.astype(np.int32)
+  order = np.random.default_rng(SPLIT_SEED).permutation(len(y))
+  train, test = order[:NUM_TRAIN], order[NUM_TRAIN:]
+  return x[train], y[train], x[test], y[test]
+
+
+def symmetric_label_noise(
+  key: jax.Array, labels: jax.Array, noise: float, num_classes: int = NUM_CLASSES
+) -> jax.Array:
+  """Replaces exactly ``round(noise * n)`` labels by a uniformly random other class.
+
+  The flipped examples are drawn uniformly without replacement; each gets a label
+  drawn uniformly from the ``num_classes - 1`` classes other than its own, so the
+  realised noise rate is exactly ``round(noise * n) / n``. Works under ``vmap``
+  over ``key``.
+
+  Args:
+    key: a PRNG key.
+    labels: int labels of shape ``(n,)``.
+    noise: the flip rate, in [0, 1].
+    num_classes: the number of classes, >= 2.
+
+  Returns:
+    The noisy labels, same shape and dtype as ``labels``.
+
+  >>> y = jnp.zeros(10, jnp.int32)
+  >>> noisy = symmetric_label_noise(jax.random.key(0), y, 0.3)
+  >>> int((noisy != y).sum())
+  3
+  """
+  if not 0.0 <= noise <= 1.0:
+    raise ValueError(f"noise must be in [0, 1], got {noise}")
+  n = labels.shape[0]
+  num_flipped = round(noise * n)
+  key_which, key_offset = jax.random.split(key)
+  flipped = jax.random.permutation(key_which, n)[:num_flipped]
+  offsets = jax.random.randint(key_offset, (num_flipped,), 1, num_classes)
+  new = (labels[flipped] + offsets.astype(labels.dtype)) % num_classes
+  return labels.at[flipped].set(new)
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def init_mlp(key: jax.Array, sizes: Sequence[int] = LAYER_SIZES) -> list[dict[str, jax.Array]]:
+  """He-normal kernels and zero biases for an MLP with the given layer sizes.
+
+  Returns:
+    A list of ``{"w": (fan_in, fan_out), "b": (fan_out,)}`` dicts, one per layer.
+  """
+  keys = jax.random.split(key, len(sizes) - 1)
+  init = jax.nn.initializers.he_normal()
+  return [
+    {"w": init(k, (m, n), jnp.float32), "b": jnp.zeros((n,), jnp.float32)}
+    for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)
+  ]
+
+
+def _dense(layer: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+  return x @ layer["w"] + jnp.expand_dims(layer["b"], range(x.ndim - 1))
+
+
+def mlp_apply(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
+  """The logits of the ReLU MLP for inputs ``x`` of shape ``(..., 64)``."""
+  for layer in params[:-1]:
+    x = jax.nn.relu(_dense(layer, x))
+  return _dense(params[-1], x)
+
+
+def _loss(params, x, y):
+  logits = mlp_apply(params, x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _accuracy(params, x, y):
+  return (jnp.argmax(mlp_apply(params, x), axis=-1) == y).mean()
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _init_seeds(seeds: jax.Array, y_train: jax.Array, noise: float):
+  """Per seed: the MLP's parameters, the noisy training labels and the shuffle key."""
+
+  def one(seed):
+    key_init, key_noise, key_shuffle = jax.random.split(jax.random.key(seed), 3)
+    y_noisy = symmetric_label_noise(key_noise, y_train, noise)
+    return init_mlp(key_init), y_noisy, key_shuffle
+
+  return jax.jit(jax.vmap(one))(seeds)
+
+
+def _make_epoch(variant: Variant, batch_size: int, data):
+  """Returns ``epoch(params, opt_state, y_noisy, key_shuffle, epoch)``, jitted and
+  vmapped over seeds: one scan over the epoch's minibatches, then the clean test
+  accuracy."""
+  x_train, _, x_test, y_test = (jnp.asarray(a) for a in data)
+  tx = variant.tx
+  n = x_train.shape[0]
+  steps = n // batch_size
+  if steps == 0:
+    raise ValueError(f"batch_size {batch_size} exceeds the {n} training examples")
+
+  def step(carry, idx):
+    params, opt_state, y_noisy = carry
+    x, y = x_train[idx], y_noisy[idx]
+    loss, grads = jax.value_and_grad(_loss)(params, x, y)
+    if variant.sharpness_aware:
+      grad_fn = lambda p: jax.grad(_loss)(p, x, y)
+      updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+    else:
+      updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, opt_state, y_noisy), loss
+
+  def epoch_one(params, opt_state, y_noisy, key_shuffle, epoch):
+    order = jax.random.permutation(jax.random.fold_in(key_shuffle, epoch), n)
+    batches = order[: steps * batch_size].reshape(steps, batch_size)
+    (params, opt_state, _), losses = jax.lax.scan(step, (params, opt_state, y_noisy), batches)
+    return params, opt_state, losses.mean(), _accuracy(params, x_test, y_test)
+
+  return jax.jit(jax.vmap(epoch_one, in_axes=(0, 0, 0, 0, None)))
+
+
+def _train(variant: Variant, config: DemoConfig, data, init, bar) -> dict[str, np.ndarray]:
+  params, y_noisy, key_shuffle = init
+  opt_state = jax.jit(jax.vmap(variant.tx.init))(params)
+  epoch = _make_epoch(variant, config.batch_size, data)
+  accuracies, losses = [], []
+  for e in range(config.epochs):
+    params, opt_state, loss, acc = epoch(params, opt_state, y_noisy, key_shuffle, e)
+    accuracies.append(acc)
+    losses.append(loss)
+    if bar is not None:
+      bar.set_postfix_str(f"test acc {float(acc.mean()):.3f}")
+      bar.update()
+  return {
+    "test_accuracy": np.asarray(jnp.stack(accuracies, axis=1)),  # (seeds, epochs)
+    "train_loss": np.asarray(jnp.stack(losses, axis=1)),
+  }
+
+
+def _summary(values: np.ndarray) -> dict[str, Any]:
+  return {
+    "per_seed": [float(v) for v in values],
+    "mean": float(values.mean()),
+    "std": float(values.std()),
+  }
+
+
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+  """Trains every variant over every seed and writes the plot and the JSON file.
+
+  Args:
+    config: the settings.
+
+  Returns:
+    The dictionary saved as ``results.json``: ``"config"``, ``"data"``,
+    ``"results"`` (per variant: ``"label"``, ``"rho"``, ``"test_accuracy"`` and
+    ``"train_loss"`` as ``seeds x epochs`` lists, ``"final"`` and ``"best"``
+    summaries with ``"per_seed"``, ``"mean"``, ``"std"``, and ``"seconds"``),
+    ``"files"`` and ``"seconds"``.
+  """
+  unknown = [v for v in config.variants if v not in VARIANTS]
+  if unknown or not config.variants:
+    raise ValueError(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+  if config.epochs < 1 or config.seeds < 1:
+    raise ValueError("epochs and seeds must be >= 1")
+  start = time.perf_counter()
+  data = load_digits_split()
+  init = _init_seeds(jnp.arange(config.seeds), jnp.asarray(data[1]), config.noise)
+  bar = None
+  if config.progress:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.epochs * len(config.variants), unit="epoch", dynamic_ncols=True)
+  results = {}
+  try:
+    for name in config.variants:
+      variant = VARIANTS[name](config)
+      if bar is not None:
+        bar.set_description(variant.label)
+      t0 = time.perf_counter()
+      curves = _train(variant, config, data, init, bar)
+      acc = curves["test_accuracy"]
+      results[name] = {
+        "label": variant.label,
+        "rho": variant.rho,
+        "test_accuracy": acc.tolist(),
+        "train_loss": curves["train_loss"].tolist(),
+        "final": _summary(acc[:, -1]),
+        "best": _summary(acc.max(axis=1)),
+        "seconds": time.perf_counter() - t0,
+      }
+  finally:
+    if bar is not None:
+      bar.close()
+
+  out = Path(config.out)
+  out.mkdir(parents=True, exist_ok=True)
+  plot_path, json_path = out / "accuracy.png", out / "results.json"
+  report = {
+    "config": dataclasses.asdict(config) | {"asam_eta": ASAM_ETA, "momentum": MOMENTUM},
+    "data": {
+      "num_train": int(data[0].shape[0]),
+      "num_test": int(data[2].shape[0]),
+      "num_flipped": round(config.noise * data[0].shape[0]),
+      "layer_sizes": list(LAYER_SIZES),
+      "steps_per_epoch": data[0].shape[0] // config.batch_size,
+    },
+    "results": results,
+    "files": {"plot": str(plot_path), "json": str(json_path)},
+  }
+  _plot(results, config, plot_path)
+  report["seconds"] = time.perf_counter() - start
+  json_path.write_text(json.dumps(report, indent=2) + "\n")
+  return report
+
+
+def _plot(results: dict[str, Any], config: DemoConfig, path: Path) -> None:
+  try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+  except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError("the samx demo needs matplotlib: pip install 'samx[examples]'") from err
+  fig = Figure(figsize=(7, 4.5), layout="constrained")
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  for entry in results.values():
+    acc = np.asarray(entry["test_accuracy"])
+    epochs = np.arange(1, acc.shape[1] + 1)
+    mean, std = acc.mean(axis=0), acc.std(axis=0)
+    (line,) = ax.plot(epochs, mean, label=entry["label"])
+    ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.25)
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("clean test accuracy")
+  ax.set_title(
+    f"digits, MLP 64-256-256-10, {config.noise:.0%} symmetric label noise "
+    f"(mean ± std, {config.seeds} seed{'s' if config.seeds > 1 else ''})",
+    fontsize=10,
+  )
+  ax.set_ylim(0.0, 1.0)
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower right")
+  fig.savefig(path, dpi=120)
+
+
+def format_table(report: dict[str, Any]) -> str:
+  """The table of final and best clean test accuracy, mean ± std over seeds."""
+  rows = [(e["label"], e["final"], e["best"]) for e in report["results"].values()]
+  width = max(len("optimizer"), *(len(label) for label, _, _ in rows))
+  seeds = report["config"]["seeds"]
+  cell = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"
+  lines = [
+    f"clean test accuracy, mean ± std over {seeds} seed{'s' if seeds > 1 else ''}",
+    f"{'optimizer':<{width}}  {'final':>13}  {'best':>13}",
+    f"{'-' * width}  {'-' * 13}  {'-' * 13}",
+  ]
+  lines += [f"{label:<{width}}  {cell(f):>13}  {cell(b):>13}" for label, f, b in rows]
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+  return value
+
+
+def _nonnegative_float(text: str) -> float:
+  value = float(text)
+  if not value >= 0.0 or not math.isfinite(value):
+    raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+  return value
+
+
+def _fraction(text: str) -> float:
+  value = _nonnegative_float(text)
+  if value > 1.0:
+    raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+  return value
+
+
+def _variant_list(text: str) -> tuple[str, ...]:
+  names = tuple(v.strip().lower() for v in text.split(",") if v.strip())
+  unknown = [v for v in names if v not in VARIANTS]
+  if unknown or not names:
+    raise argparse.ArgumentTypeError(
+      f"unknown variant(s) {', '.join(unknown) or '(none given)'}; "
+      f"choose from {', '.join(VARIANTS)}"
+    )
+  return names
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds the demo's flags (one per :class:`DemoConfig` field) to ``parser``."""
+  d = DemoConfig()
+  parser.add_argument(
+    "--variants",
+    type=_variant_list,
+    default=d.variants,
+    help=f"comma-separated optimizers from {','.join(VARIANTS)} ({','.join(d.variants)})",
+  )
+  parser.add_argument(
+    "--rho-sam", type=_nonnegative_float, default=d.rho_sam, help="SAM radius (%(default)s)"
+  )
+  parser.add_argument(
+    "--rho-asam",
+    type=_nonnegative_float,
+    default=d.rho_asam,
+    help=f"ASAM radius, eta={ASAM_ETA} (%(default)s)",
+  )
+  parser.add_argument(
+    "--noise",
+    type=_fraction,
+    default=d.noise,
+    help="fraction of training labels flipped to another class (%(default)s)",
+  )
+  parser.add_argument("--epochs", type=_positive_int, default=d.epochs, help="(%(default)s)")
+  parser.add_argument(
+    "--seeds", type=_positive_int, default=d.seeds, help="seeds 0..N-1 (%(default)s)"
+  )
+  parser.add_argument("--lr", type=_nonnegative_float, default=d.lr, help="(%(default)s)")
+  parser.add_argument(
+    "--batch-size", type=_positive_int, default=d.batch_size, help="(%(default)s)"
+  )
+  parser.add_argument("--out", default=d.out, help="output folder (%(default)s)")
+  parser.add_argument(
+    "-q",
+    "--quiet",
+    "--no-progress",
+    dest="progress",
+    action="store_false",
+    help="no progress bar (the table is still printed)",
+  )
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+  """The :class:`DemoConfig` of parsed demo flags."""
+  fields = {f.name for f in dataclasses.fields(DemoConfig)}
+  return DemoConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def run_command(args: argparse.Namespace) -> int:
+  """Runs the demo for parsed flags and prints the table; returns the exit status."""
+  report = run_demo(config_from_args(args))
+  print(format_table(report))
+  files = report["files"]
+  print(f"saved {files['plot']} and {files['json']} ({report['seconds']:.0f} s)")
+  return 0

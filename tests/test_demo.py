@@ -1,0 +1,115 @@
+"""The main job (``python -m samx``): a tiny end-to-end run, the CLI and the label noise."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from samx import __main__ as cli
+from samx import demo
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return demo.load_digits_split()
+
+
+def test_split_is_fixed_and_scaled(digits):
+  x_train, y_train, x_test, y_test = digits
+  assert x_train.shape == (1000, 64) and x_test.shape == (797, 64)
+  assert y_train.shape == (1000,) and y_test.shape == (797,)
+  assert x_train.dtype == np.float32 and y_train.dtype == np.int32
+  assert 0.0 <= x_train.min() and x_train.max() <= 1.0
+  again = demo.load_digits_split()
+  for a, b in zip(digits, again, strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.05, 0.4, 1.0])
+def test_label_noise_flips_exactly_round_noise_n(digits, noise):
+  labels = jnp.asarray(digits[1])
+  for seed in range(3):
+    noisy = demo.symmetric_label_noise(jax.random.key(seed), labels, noise)
+    assert noisy.shape == labels.shape and noisy.dtype == labels.dtype
+    assert int(noisy.min()) >= 0 and int(noisy.max()) < demo.NUM_CLASSES
+    # Every chosen example gets a different class, so exactly that many differ.
+    assert int((noisy != labels).sum()) == round(noise * labels.shape[0])
+
+
+def test_label_noise_is_symmetric_and_seeded(digits):
+  labels = digits[1]
+  keys = jax.random.split(jax.random.key(0), 50)
+  draw = jax.jit(jax.vmap(lambda k: demo.symmetric_label_noise(k, jnp.asarray(labels), 0.4)))
+  noisy = np.asarray(draw(keys))
+  flipped = noisy != labels[None, :]
+  assert (flipped.sum(axis=1) == 400).all()
+  assert (flipped[0] != flipped[1]).any()  # the key changes which examples flip
+  # Given its original class, each of the nine other classes is equally likely.
+  old = np.broadcast_to(labels, noisy.shape)[flipped]
+  shifts = np.bincount((noisy[flipped] - old) % 10, minlength=10)
+  assert shifts[0] == 0
+  np.testing.assert_allclose(shifts[1:] / shifts.sum(), 1 / 9, atol=0.01)
+
+
+def test_label_noise_rejects_bad_rate():
+  with pytest.raises(ValueError, match="noise"):
+    demo.symmetric_label_noise(jax.random.key(0), jnp.zeros(4, jnp.int32), 1.5)
+
+
+def test_tiny_run_writes_plot_and_json(tmp_path, capsys):
+  epochs, seeds = 3, 2
+  argv = ["--epochs", str(epochs), "--seeds", str(seeds), "--out", str(tmp_path), "--quiet"]
+  assert cli.main(argv) == 0  # no subcommand: runs "demo"
+
+  table = capsys.readouterr().out
+  for label in ("SGD", "SAM (rho=1)", f"ASAM (rho={demo.DEFAULT_RHO_ASAM:g})"):
+    assert label in table
+  assert "±" in table
+
+  png = tmp_path / "accuracy.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  report = json.loads((tmp_path / "results.json").read_text())
+  assert {"config", "data", "results", "files", "seconds"} <= report.keys()
+  assert report["config"]["epochs"] == epochs and report["config"]["seeds"] == seeds
+  assert report["data"]["num_train"] == 1000 and report["data"]["num_test"] == 797
+  assert report["data"]["num_flipped"] == 400
+  assert list(report["results"]) == ["sgd", "sam", "asam"]
+  assert report["results"]["sgd"]["rho"] is None
+  assert report["results"]["sam"]["rho"] == demo.DEFAULT_RHO_SAM
+  assert report["results"]["asam"]["rho"] == demo.DEFAULT_RHO_ASAM
+  for entry in report["results"].values():
+    acc = np.asarray(entry["test_accuracy"])
+    assert acc.shape == (seeds, epochs)
+    assert np.asarray(entry["train_loss"]).shape == (seeds, epochs)
+    assert ((0.0 <= acc) & (acc <= 1.0)).all()
+    for key, expected in (("final", acc[:, -1]), ("best", acc.max(axis=1))):
+      summary = entry[key]
+      np.testing.assert_allclose(summary["per_seed"], expected)
+      assert summary["mean"] == pytest.approx(expected.mean())
+      assert summary["std"] == pytest.approx(expected.std())
+  # SGD learns something even in three epochs with 40% noise.
+  assert report["results"]["sgd"]["final"]["mean"] > 0.5
+
+
+def test_parser_demo_subcommand_and_flags():
+  args = cli.build_parser().parse_args(
+    ["demo", "--variants", "sgd, SAM", "--rho-sam", "0.5", "--noise", "0.2", "--quiet"]
+  )
+  config = demo.config_from_args(args)
+  assert config.variants == ("sgd", "sam")
+  assert config.rho_sam == 0.5 and config.noise == 0.2 and not config.progress
+  assert config.rho_asam == demo.DEFAULT_RHO_ASAM and config.epochs == 150
+
+
+@pytest.mark.parametrize(
+  "argv",
+  [["--variants", "adam"], ["--noise", "1.5"], ["--epochs", "0"], ["--rho-sam", "-1"]],
+)
+def test_parser_rejects_bad_flags(argv, capsys):
+  with pytest.raises(SystemExit):
+    cli.main(argv)
+  assert "error" in capsys.readouterr().err
