@@ -34,7 +34,7 @@ _BALLS = ("l2", "linf")
 
 
 class ScaleBySAMState(NamedTuple):
-  """State of :func:`scale_by_sam`.
+  """State of :func:`scale_by_sam` when ``rho`` holds a schedule (else ``EmptyState``).
 
   Attributes:
     count: int32 number of ascents taken so far; the argument of ``rho`` when it
@@ -129,14 +129,20 @@ def scale_by_sam(
   checks.check_nonnegative("rho", rho)
   checks.check_positive("eps", eps)
   _check_ball(ball)
+  # A step counter only when a schedule needs it (optax's scale_by_learning_rate
+  # does the same): one buffer and one kernel less per step otherwise.
+  scheduled = any(callable(r) for r in jax.tree.leaves(rho, is_leaf=callable))
 
   def init_fn(params):
     del params
+    if not scheduled:
+      return optax.EmptyState()
     return ScaleBySAMState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
     del params
-    radii = radius_per_leaf(rho, state.count, updates)
+    count = state.count if scheduled else None
+    radii = radius_per_leaf(rho, count, updates)
     if ball == "l2":
       inverse_norm = numerics.safe_inverse(numerics.global_norm(updates) + eps)
 
@@ -152,7 +158,9 @@ def scale_by_sam(
         )
 
     perturbation = jax.tree.map(leaf, updates, radii)
-    return perturbation, ScaleBySAMState(count=optax.safe_increment(state.count))
+    if scheduled:
+      state = ScaleBySAMState(count=optax.safe_increment(state.count))
+    return perturbation, state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -139,12 +139,13 @@ def make_nnx_train_step(traces=None):
   return train_step
 
 
+# rho as a schedule: samx keeps a step counter, checked to advance once per step.
 def sam_tx():
-  return samx.sam(optax.sgd(LR, momentum=MOMENTUM), rho=RHO)
+  return samx.sam(optax.sgd(LR, momentum=MOMENTUM), rho=optax.constant_schedule(RHO))
 
 
 def asam_tx():
-  return samx.asam(optax.sgd(LR, momentum=MOMENTUM), rho=0.5, eta=0.01)
+  return samx.asam(optax.sgd(LR, momentum=MOMENTUM), rho=optax.constant_schedule(0.5), eta=0.01)
 
 
 @pytest.mark.parametrize("make_tx", [sam_tx, asam_tx], ids=["sam", "asam"])
