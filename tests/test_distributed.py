@@ -44,6 +44,17 @@ def _sgd_step(tx, loss):
   return step
 
 
+def _run_pmap(tx, params, batches):
+  """Runs the steps under pmap, each device on its slice of every batch; per-device params."""
+  step = jax.pmap(_sgd_step(tx, helpers.loss_jax), axis_name=AXIS)
+  replicate = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (DEVICES, *x.shape)), t)
+  p, s = replicate(params), replicate(tx.init(params))
+  for batch in batches:
+    shards = jax.tree.map(lambda x: x.reshape(DEVICES, PER_DEVICE, *x.shape[1:]), batch)
+    p, s = step(p, s, shards)
+  return p
+
+
 def _close(actual, expected, rtol=2e-5):
   helpers_err = helpers.relative_error(actual, helpers.to_numpy(expected))
   assert helpers_err < rtol, helpers_err
@@ -55,12 +66,7 @@ def test_pmap_synced_equals_single_device(variant):
   expected, _ = helpers.run_steps(FACTORIES[variant](), params, batches)
 
   tx = FACTORIES[variant](axis_name=AXIS)
-  step = jax.pmap(_sgd_step(tx, helpers.loss_jax), axis_name=AXIS)
-  replicate = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (DEVICES, *x.shape)), t)
-  p, s = replicate(params), replicate(tx.init(params))
-  for batch in batches:
-    shards = jax.tree.map(lambda x: x.reshape(DEVICES, PER_DEVICE, *x.shape[1:]), batch)
-    p, s = step(p, s, shards)
+  p = _run_pmap(tx, params, batches)
   for d in (0, DEVICES - 1):
     _close(jax.tree.map(lambda x, d=d: x[d], p), expected)
 
@@ -130,12 +136,7 @@ def test_pmap_per_device_perturbation_is_m_sharpness():
     expected = reference_step(expected, helpers.to_numpy(batch))
 
   tx = samx.sam(optax.sgd(lr), rho=rho, axis_name=AXIS, sync_ascent=False)
-  step = jax.pmap(_sgd_step(tx, helpers.loss_jax), axis_name=AXIS)
-  replicate = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (DEVICES, *x.shape)), t)
-  p, s = replicate(params), replicate(tx.init(params))
-  for batch in batches:
-    shards = jax.tree.map(lambda x: x.reshape(DEVICES, PER_DEVICE, *x.shape[1:]), batch)
-    p, s = step(p, s, shards)
+  p = _run_pmap(tx, params, batches)
   assert helpers.relative_error(jax.tree.map(lambda x: x[0], p), expected) < 1e-5
   synced, _ = helpers.run_steps(samx.sam(optax.sgd(lr), rho=rho), params, batches)
   assert helpers.relative_error(synced, expected) > 1e-5
