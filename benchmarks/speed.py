@@ -145,7 +145,7 @@ def make_steps(loss_fn: Callable) -> dict[str, tuple[optax.GradientTransformatio
 
   def hand_step(params, opt_state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    scale = RHO / (optax.global_norm(grads) + NORM_EPS)
+    scale = RHO / (optax.tree.norm(grads) + NORM_EPS)
     perturbed = jax.tree.map(lambda w, g: w + scale * g, params, grads)
     sam_grads = jax.grad(loss_fn)(perturbed, batch)
     updates, opt_state = base.update(sam_grads, opt_state, params)
