@@ -257,3 +257,20 @@ def test_schedule_rho_is_evaluated_at_the_step_count():
   for t in range(6):
     eps, state = tx.update(g, state)
     np.testing.assert_allclose(float(jnp.linalg.norm(eps["w"])), float(schedule(t)), rtol=1e-6)
+
+
+def test_clipping_chained_before_samx_affects_only_the_ascent():
+  # Global-norm clipping rescales g; the ascent normalises it away and g_s is not
+  # clipped, so the step equals unclipped SAM. (Per-leaf clipping would change eps.)
+  params, _ = helpers.make_problem(0)
+  params = helpers.to_jax(params, jnp.float32)
+  batches = helpers.to_jax(_batches(3), jnp.float32)
+  base = optax.sgd(LR, momentum=MOMENTUM)
+  clipped = optax.chain(optax.clip_by_global_norm(1e-3), samx.sam(base, rho=0.05))
+  actual, _ = helpers.run_steps(clipped, params, batches)
+  expected, _ = helpers.run_steps(samx.sam(base, rho=0.05), params, batches)
+  assert helpers.relative_error(actual, helpers.to_numpy(expected)) < 1e-6
+  # Clipping after samx clips the update itself.
+  after = optax.chain(samx.sam(base, rho=0.05), optax.clip_by_global_norm(1e-3))
+  clipped_after, _ = helpers.run_steps(after, params, batches)
+  assert helpers.relative_error(clipped_after, helpers.to_numpy(expected)) > 1e-3
