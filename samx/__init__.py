@@ -7,7 +7,7 @@ One ``update`` call is one training step::
                                  grad_fn=lambda p: jax.grad(loss_fn)(p, batch))
 """
 
-from samx import masks, numerics
+from samx import evaluation, masks, numerics
 from samx.aliases import asam, sam
 from samx.ascent import (
   ScaleBySAMState,
@@ -17,7 +17,12 @@ from samx.ascent import (
   scale_by_weight_magnitude,
 )
 from samx.combination import Combination, use_perturbed_gradient
-from samx.evaluation import axis_mean, perturbed_gradient
+from samx.evaluation import (
+  axis_mean,
+  gradient_at_perturbed,
+  per_example_losses,
+  perturbed_gradient,
+)
 from samx.flax_integration import apply_gradients, linen_grad_fn, nnx_grad_fn
 from samx.masks import weight_leaves
 from samx.pipeline import SharpnessAwareState, sharpness_aware
@@ -31,10 +36,13 @@ __all__ = [
   "apply_gradients",
   "asam",
   "axis_mean",
+  "evaluation",
+  "gradient_at_perturbed",
   "linen_grad_fn",
   "masks",
   "nnx_grad_fn",
   "numerics",
+  "per_example_losses",
   "perturbed_gradient",
   "radius_per_leaf",
   "sam",

@@ -1,7 +1,7 @@
 """Stage 3, the combination: how ``g`` and ``g_s`` make the descent direction.
 
 A combination is a pair of pure functions, ``init(params) -> state`` and
-``update(grads, perturbed_grads, state, params) -> (direction, state)``. SAM uses
+``update(grads, evaluate, state, params) -> (direction, state)``. SAM uses
 the perturbed gradient as it is (:func:`use_perturbed_gradient`); GSAM, WSAM and
 LookSAM are other combinations.
 """
@@ -21,9 +21,11 @@ class Combination(NamedTuple):
 
   Attributes:
     init: ``init(params) -> state``.
-    update: ``update(grads, perturbed_grads, state, params) -> (direction, state)``,
-      where ``grads`` is :math:`g = \\nabla L(w)` (averaged over the axis when the
-      ascent is synced) and ``perturbed_grads`` is :math:`g_s = \\nabla L(w+\\epsilon)`.
+    update: ``update(grads, evaluate, state, params) -> (direction, state)``, where
+      ``grads`` is :math:`g = \\nabla L(w)` (averaged over the axis when the ascent
+      is synced) and ``evaluate()`` returns :math:`g_s = \\nabla L(w+\\epsilon)`
+      (averaged over the axis). A combination that reuses stored information may
+      skip the call (inside :func:`jax.lax.cond`, so the pass is really skipped).
   """
 
   init: Callable[[Any], Any]
@@ -34,7 +36,7 @@ def use_perturbed_gradient() -> Combination:
   r"""SAM's combination: the descent direction is :math:`d = g_s`.
 
   >>> c = use_perturbed_gradient()
-  >>> c.update({"w": 1.0}, {"w": 2.0}, c.init({"w": 0.0}), {"w": 0.0})
+  >>> c.update({"w": 1.0}, lambda: {"w": 2.0}, c.init({"w": 0.0}), {"w": 0.0})
   ({'w': 2.0}, EmptyState())
   """
 
@@ -42,8 +44,8 @@ def use_perturbed_gradient() -> Combination:
     del params
     return optax.EmptyState()
 
-  def update(grads, perturbed_grads, state, params):
+  def update(grads, evaluate, state, params):
     del grads, params
-    return perturbed_grads, state
+    return evaluate(), state
 
   return Combination(init, update)

@@ -8,6 +8,33 @@ before the ascent, so every device uses one global perturbation; with
 perturbed point is averaged over the axis before the base optimizer sees it.
 Under ``jax.jit`` with sharded arrays no axis name is needed: the computation is
 the single-device one.
+
+The two contracts
+-----------------
+Every samx optimizer is called once per step with the clean gradient, the
+parameters and keyword extra arguments. There are exactly two contracts:
+
+1. ``grad_fn`` (every variant)::
+
+     tx.update(grads, opt_state, params,
+               grad_fn=lambda p: jax.grad(loss_fn)(p, batch))
+
+   ``grad_fn(params) -> grads`` is the gradient of the loss on the current batch.
+
+2. Per-example losses (variants that must see the batch itself: ESAM's data
+   selection, micro-shard mSAM, Fisher masks)::
+
+     tx.update(grads, opt_state, params,
+               per_example_loss_fn=per_example_loss_fn, batch=batch)
+
+   ``batch`` is a pytree whose leaves share a leading example axis of size ``B``,
+   and ``per_example_loss_fn(params, batch) -> losses`` returns the ``(B,)``
+   per-example losses on that batch (any sub-batch, too). The batch loss is their
+   mean: the clean ``grads`` must be ``jax.grad`` of ``mean(losses)``.
+   :func:`per_example_losses` checks a call against the contract.
+
+An evaluation is a function ``evaluation(params, perturbation, *, who,
+**extra_args) -> g_s``; the default is :func:`gradient_at_perturbed`.
 """
 
 from __future__ import annotations
@@ -16,11 +43,33 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from samx import checks
 
-__all__ = ["axis_mean", "perturbed_gradient"]
+__all__ = [
+  "CONTRACT_ARGS",
+  "Evaluation",
+  "axis_mean",
+  "batch_size",
+  "gradient_at_perturbed",
+  "per_example_losses",
+  "perturbed_gradient",
+]
+
+CONTRACT_ARGS = ("grad_fn", "per_example_loss_fn", "batch")
+"""The extra arguments of the two contracts; samx does not pass them to the base optimizer."""
+
+Evaluation = Callable[..., Any]
+"""``evaluation(params, perturbation, *, who, **extra_args) -> perturbed grads``."""
+
+PER_EXAMPLE_CALL = (
+  "    updates, opt_state = tx.update(grads, opt_state, params,\n"
+  "                                   per_example_loss_fn=per_example_loss_fn, batch=batch)\n"
+  "with per_example_loss_fn(params, batch) -> losses of shape (B,)"
+)
 
 
 def axis_mean(tree: Any, axis_name: str | None) -> Any:
@@ -84,3 +133,93 @@ def perturbed_gradient(
   grads = grad_fn(perturbed)
   checks.check_same_structure("grad_fn(params) output", grads, "params", params)
   return grads
+
+
+def gradient_at_perturbed(
+  params: Any,
+  perturbation: Any,
+  *,
+  grad_fn: Callable[[Any], Any] | None = None,
+  who: str = "samx",
+  **extra_args: Any,
+) -> Any:
+  """The default evaluation: ``grad_fn(params + perturbation)`` (the first contract).
+
+  Args:
+    params: the clean parameters.
+    perturbation: the perturbation from the ascent.
+    grad_fn: ``grad_fn(params) -> grads`` on the current batch.
+    who: the name used in error messages.
+    **extra_args: other extra arguments of the step, ignored.
+
+  Returns:
+    The gradient at ``params + perturbation``.
+
+  >>> import jax.numpy as jnp
+  >>> gradient_at_perturbed({"w": jnp.array(1.0)}, {"w": jnp.array(0.5)},
+  ...                       grad_fn=lambda p: {"w": 2 * p["w"]})
+  {'w': Array(3., dtype=float32)}
+  """
+  del extra_args
+  return perturbed_gradient(grad_fn, params, perturbation, who=who)
+
+
+def batch_size(batch: Any, *, who: str = "samx") -> int:
+  """The size ``B`` of the leading example axis shared by every leaf of ``batch``.
+
+  >>> batch_size({"x": np.zeros((8, 3)), "y": np.zeros(8)})
+  8
+  """
+  leaves = jax.tree.leaves(batch)
+  sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+  if not leaves or None in sizes or len(sizes) != 1:
+    shapes = jax.tree.map(np.shape, batch)
+    raise ValueError(
+      f"{who}: batch must be a pytree whose leaves share a leading example axis; "
+      f"got leaf shapes {shapes}. Call it as\n{PER_EXAMPLE_CALL}"
+    )
+  return sizes.pop()
+
+
+def per_example_losses(
+  per_example_loss_fn: Callable[[Any, Any], Any] | None,
+  params: Any,
+  batch: Any,
+  *,
+  who: str = "samx",
+) -> jax.Array:
+  """Calls ``per_example_loss_fn(params, batch)`` and checks the second contract.
+
+  Args:
+    per_example_loss_fn: ``(params, batch) -> losses`` of shape ``(B,)``.
+    params: where to evaluate.
+    batch: a pytree with a leading example axis of size ``B``.
+    who: the name used in error messages.
+
+  Returns:
+    The ``(B,)`` losses.
+
+  >>> import jax.numpy as jnp
+  >>> per_example_losses(lambda p, b: (b["x"] * p) ** 2, jnp.array(2.0),
+  ...                    {"x": jnp.array([1.0, 3.0])})
+  Array([ 4., 36.], dtype=float32)
+  """
+  if per_example_loss_fn is None or batch is None:
+    missing = "per_example_loss_fn" if per_example_loss_fn is None else "batch"
+    raise TypeError(
+      f"{who} needs the keyword arguments per_example_loss_fn and batch (missing: "
+      f"{missing}). Call it as\n{PER_EXAMPLE_CALL}"
+    )
+  if not callable(per_example_loss_fn):
+    raise TypeError(
+      f"{who}: per_example_loss_fn must be callable; got "
+      f"{type(per_example_loss_fn).__name__}. Call it as\n{PER_EXAMPLE_CALL}"
+    )
+  size = batch_size(batch, who=who)
+  losses = jnp.asarray(per_example_loss_fn(params, batch))
+  if losses.shape != (size,):
+    raise ValueError(
+      f"{who}: per_example_loss_fn(params, batch) must return one loss per example, "
+      f"shape ({size},); got shape {losses.shape}. Call it as\n{PER_EXAMPLE_CALL}"
+    )
+  return losses

@@ -13,7 +13,7 @@ import optax
 
 from samx import checks
 from samx.combination import Combination, use_perturbed_gradient
-from samx.evaluation import axis_mean, perturbed_gradient
+from samx.evaluation import CONTRACT_ARGS, Evaluation, axis_mean, gradient_at_perturbed
 
 __all__ = ["SharpnessAwareState", "sharpness_aware"]
 
@@ -36,6 +36,7 @@ def sharpness_aware(
   optimizer: optax.GradientTransformation,
   ascent: optax.GradientTransformation,
   *,
+  evaluation: Evaluation | None = None,
   combination: Combination | None = None,
   axis_name: str | None = None,
   sync_ascent: bool = True,
@@ -52,14 +53,20 @@ def sharpness_aware(
     \Delta w = \mathrm{optimizer}(d)
 
   ``update`` needs ``params`` and the keyword extra argument
-  ``grad_fn(params) -> grads`` (the gradient of the loss on the current batch).
-  Other extra arguments are passed on to the ascent and the base optimizer.
+  ``grad_fn(params) -> grads`` (the gradient of the loss on the current batch),
+  or, for evaluations that must see the batch, the per-example contract
+  (``per_example_loss_fn`` and ``batch``, see :mod:`samx.evaluation`). Every extra
+  argument reaches the ascent and the evaluation; the base optimizer gets the
+  extra arguments other than these contract arguments.
 
   Args:
     optimizer: the base optax optimizer (the descent stage), used unchanged.
     ascent: a transformation mapping ``g`` to the perturbation ``eps``, e.g.
       :func:`samx.scale_by_sam`.
+    evaluation: ``evaluation(params, perturbation, *, who, **extra_args) -> g_s``;
+      default :func:`samx.gradient_at_perturbed` (calls ``grad_fn``).
     combination: the combine stage; default :func:`samx.use_perturbed_gradient`.
+      It receives a function that evaluates ``g_s`` and may skip calling it.
     axis_name: the named data-parallel axis under ``pmap`` / ``shard_map``; the
       perturbed gradient is averaged over it. ``None`` under plain ``jit``.
     sync_ascent: with ``axis_name``, average ``g`` over the axis before the ascent
@@ -80,6 +87,9 @@ def sharpness_aware(
   >>> [round(float(u), 4) for u in updates]   # -0.1 * 2 * (w + 0.5 * w / |w|)
   [-0.66, -0.88]
   """
+  default_evaluation = gradient_at_perturbed
+  if evaluation is None:
+    evaluation = default_evaluation
   if combination is None:
     combination = use_perturbed_gradient()
   ascent = optax.with_extra_args_support(ascent)
@@ -92,18 +102,22 @@ def sharpness_aware(
       base_state=optimizer.init(params),
     )
 
-  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+  def update_fn(updates, state, params=None, **extra_args):
     checks.require_params(params, name)
-    checks.require_grad_fn(grad_fn, name)
     checks.check_same_structure("grads", updates, "params", params)
+    if evaluation is default_evaluation:
+      # Fail before any work, with the expected call, when the contract is not met.
+      checks.require_grad_fn(extra_args.get("grad_fn"), name)
     grads = axis_mean(updates, axis_name) if sync_ascent else updates
     perturbation, ascent_state = ascent.update(grads, state.ascent_state, params, **extra_args)
-    perturbed_grads = perturbed_gradient(grad_fn, params, perturbation, who=name)
-    perturbed_grads = axis_mean(perturbed_grads, axis_name)
-    direction, combine_state = combination.update(
-      grads, perturbed_grads, state.combine_state, params
-    )
-    updates, base_state = optimizer.update(direction, state.base_state, params, **extra_args)
+
+    def evaluate():
+      perturbed = evaluation(params, perturbation, who=name, **extra_args)
+      return axis_mean(perturbed, axis_name)
+
+    direction, combine_state = combination.update(grads, evaluate, state.combine_state, params)
+    base_args = {k: v for k, v in extra_args.items() if k not in CONTRACT_ARGS}
+    updates, base_state = optimizer.update(direction, state.base_state, params, **base_args)
     return updates, SharpnessAwareState(ascent_state, combine_state, base_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

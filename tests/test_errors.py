@@ -101,3 +101,29 @@ def test_mask_with_non_boolean_leaves():
   tx = samx.asam(optax.sgd(0.1), mask={"w": 1, "b": 0})
   with pytest.raises(TypeError, match="mask leaves must be Python booleans"):
     tx.update(GRADS, tx.init(PARAMS), PARAMS, grad_fn=GRAD_FN)
+
+
+def test_per_example_contract_errors():
+  losses = lambda p, b: (b["x"] * p) ** 2
+  params = jnp.array(2.0)
+  with pytest.raises(TypeError, match=r"per_example_loss_fn and batch \(missing: batch\)"):
+    samx.per_example_losses(losses, params, None)
+  with pytest.raises(TypeError, match="missing: per_example_loss_fn"):
+    samx.per_example_losses(None, params, {"x": jnp.ones(3)})
+  with pytest.raises(ValueError, match=r"share a leading example axis"):
+    samx.per_example_losses(losses, params, {"x": jnp.ones(3), "y": jnp.ones(4)})
+  with pytest.raises(ValueError, match=r"one loss per example, shape \(3,\); got shape \(\)"):
+    samx.per_example_losses(lambda p, b: jnp.sum(losses(p, b)), params, {"x": jnp.ones(3)})
+
+
+def test_contract_args_do_not_reach_the_base_optimizer():
+  seen = {}
+
+  def update(updates, state, params=None, **extra):
+    seen.update(extra)
+    return updates, state
+
+  base = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+  tx = samx.sam(base)
+  tx.update(GRADS, tx.init(PARAMS), PARAMS, grad_fn=GRAD_FN, value=1.0)
+  assert seen == {"value": 1.0}
