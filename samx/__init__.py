@@ -7,7 +7,7 @@ One ``update`` call is one training step::
                                  grad_fn=lambda p: jax.grad(loss_fn)(p, batch))
 """
 
-from samx import evaluation, masks, numerics
+from samx import diagnostics, evaluation, masks, numerics
 from samx.aliases import asam, sam
 from samx.ascent import (
   ScaleBySAMState,
@@ -36,6 +36,7 @@ __all__ = [
   "apply_gradients",
   "asam",
   "axis_mean",
+  "diagnostics",
   "evaluation",
   "gradient_at_perturbed",
   "linen_grad_fn",
