@@ -8,7 +8,7 @@ One ``update`` call is one training step::
 """
 
 from samx import diagnostics, evaluation, masks, numerics
-from samx.aliases import asam, sam
+from samx.aliases import asam, msam, sam
 from samx.ascent import (
   ScaleBySAMState,
   radius_per_leaf,
@@ -41,6 +41,7 @@ __all__ = [
   "gradient_at_perturbed",
   "linen_grad_fn",
   "masks",
+  "msam",
   "nnx_grad_fn",
   "numerics",
   "per_example_losses",

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import optax
 
 from samx import ascent as ascent_blocks
+from samx.evaluation import micro_shard_evaluation
 from samx.masks import Mask
 from samx.pipeline import sharpness_aware
 
-__all__ = ["asam", "sam"]
+__all__ = ["asam", "msam", "sam"]
 
 
 def sam(
@@ -125,4 +127,88 @@ def asam(
     axis_name=axis_name,
     sync_ascent=sync_ascent,
     name="samx.asam",
+  )
+
+
+def msam(
+  optimizer: optax.GradientTransformation,
+  rho: Any = 0.05,
+  *,
+  axis_name: str | tuple[str, ...] | None = None,
+  sync_ascent: bool | str | tuple[str, ...] = False,
+  micro_shards: int = 1,
+  eps: float = 1e-12,
+  ball: ascent_blocks.Ball = "l2",
+) -> optax.GradientTransformationExtraArgs:
+  r"""mSAM (m-sharpness): one perturbation per shard of the batch, gradients averaged.
+
+  For disjoint shards :math:`B_i` of the batch:
+
+  .. math::
+    \epsilon_i = \rho\,\frac{g_i}{\|g_i\| + \mathrm{eps}}, \quad
+    h_i = \nabla L_{B_i}(w + \epsilon_i), \qquad
+    \Delta w = \mathrm{optimizer}\big(\tfrac{1}{k}\textstyle\sum_i h_i\big)
+
+  Shards are devices along ``axis_name`` (each device perturbs along its own
+  gradient; the only collective is the mean of :math:`h_i`: one gradient all-reduce
+  per step, as in data-parallel SGD), micro-shards inside a device
+  (``micro_shards=k``, vectorised with ``vmap``), or both (``m`` = local batch /
+  ``micro_shards``). ``sync_ascent`` lets groups of devices share a perturbation
+  (see :func:`samx.sharpness_aware`); ``sync_ascent=True`` is synced SAM.
+
+  Contracts: with ``micro_shards=1``, the ``grad_fn`` contract of :func:`samx.sam`.
+  With ``micro_shards > 1``, the per-example contract (``per_example_loss_fn`` and
+  ``batch``, see :mod:`samx.evaluation`): samx computes each shard's clean gradient
+  itself, so the ``grads`` passed to ``update`` are not used (pass zeros to skip
+  that pass; the step then costs the FLOPs of SAM). ``micro_shards`` is static:
+  under :func:`optax.inject_hyperparams` pass ``static_args="micro_shards"``.
+
+  Args:
+    optimizer: the base optimizer.
+    rho: the radius (a number or per-leaf pytree; a schedule only with
+      ``micro_shards=1``).
+    axis_name: the data-parallel axis (or axes) under ``pmap`` / ``shard_map``.
+    sync_ascent: ``False`` (default): one ``eps`` per device; ``True``: one global
+      ``eps``; axis names: one ``eps`` per group along the other axes.
+    micro_shards: ``k`` micro-shards of the local batch, >= 1.
+    eps: the stabiliser of the normalisation, > 0.
+    ball: ``"l2"`` or ``"linf"``.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  >>> import jax, jax.numpy as jnp, optax
+  >>> tx = msam(optax.sgd(1.0), rho=0.0, micro_shards=2)
+  >>> losses = lambda w, b: 0.5 * (b["x"] * w) ** 2
+  >>> w = jnp.array(1.0)
+  >>> updates, _ = tx.update(jnp.zeros(()), tx.init(w), w, per_example_loss_fn=losses,
+  ...                        batch={"x": jnp.arange(4.0)})
+  >>> updates
+  Array(-3.5, dtype=float32)
+
+  References:
+    Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+    Generalization <https://arxiv.org/abs/2010.01412>`_, 2021 (Section 4.1);
+    Behdin et al., `mSAM: Micro-Batch-Averaged Sharpness-Aware Minimization
+    <https://arxiv.org/abs/2302.09693>`_, 2023
+  """
+  ascent = ascent_blocks.scale_by_sam(rho, eps=eps, ball=ball)
+  if not isinstance(micro_shards, int) or micro_shards < 1:
+    raise ValueError(f"micro_shards must be an integer >= 1; got micro_shards={micro_shards!r}")
+  if micro_shards == 1:
+    return sharpness_aware(
+      optimizer, ascent, axis_name=axis_name, sync_ascent=sync_ascent, name="samx.msam"
+    )
+  if any(callable(r) for r in jax.tree.leaves(rho, is_leaf=callable)):
+    raise ValueError(
+      "rho must be a number or a per-leaf pytree of numbers with micro_shards > 1 (each "
+      "micro-shard's ascent starts from a fresh state); got a schedule"
+    )
+  return sharpness_aware(
+    optimizer,
+    optax.identity(),
+    evaluation=micro_shard_evaluation(ascent, micro_shards),
+    axis_name=axis_name,
+    sync_ascent=False,  # each micro-shard perturbs along its own gradient
+    name="samx.msam",
   )

@@ -55,6 +55,7 @@ __all__ = [
   "axis_mean",
   "batch_size",
   "gradient_at_perturbed",
+  "micro_shard_evaluation",
   "per_example_losses",
   "perturbed_gradient",
 ]
@@ -223,3 +224,72 @@ def per_example_losses(
       f"shape ({size},); got shape {losses.shape}. Call it as\n{PER_EXAMPLE_CALL}"
     )
   return losses
+
+
+def micro_shard_evaluation(
+  ascent: Any,
+  micro_shards: int,
+) -> Evaluation:
+  r"""mSAM on one device: one perturbation per micro-shard of the batch, via ``vmap``.
+
+  The batch (second contract: ``per_example_loss_fn`` and ``batch``) is split in
+  order into ``micro_shards`` equal shards :math:`B_i`. For each shard, under
+  :func:`jax.vmap`:
+
+  .. math::
+    g_i = \nabla L_{B_i}(w), \quad \epsilon_i = \mathrm{ascent}(g_i), \quad
+    h_i = \nabla L_{B_i}(w + \epsilon_i), \qquad g_s = \tfrac{1}{k} \textstyle\sum_i h_i
+
+  Together the :math:`g_i` cost one gradient pass over the batch and the
+  :math:`h_i` another: the FLOPs of SAM. The clean ``grads`` given to ``update``
+  are not used by this evaluation (samx needs the per-shard gradients), so a
+  training step may pass zeros instead of computing them. Memory: ``k`` copies of
+  the parameters for the perturbed points and the per-shard gradients.
+  BatchNorm inside ``per_example_loss_fn`` sees each micro-shard alone (ghost batch
+  statistics).
+
+  The ascent is applied to each shard's gradient with a fresh state every step, so
+  it must be stateless in effect (e.g. :func:`samx.scale_by_sam` or
+  :func:`samx.scale_by_asam` with a number or per-leaf radius, not a schedule).
+
+  Args:
+    ascent: the transformation ``g_i -> eps_i``.
+    micro_shards: ``k``, which must divide the batch size.
+
+  Returns:
+    An evaluation for :func:`samx.sharpness_aware` (use with ``optax.identity()`` as
+    its ascent stage, as :func:`samx.msam` does).
+
+  >>> import jax.numpy as jnp, samx
+  >>> ev = micro_shard_evaluation(samx.scale_by_sam(0.0), micro_shards=2)
+  >>> losses = lambda w, b: 0.5 * (b["x"] * w) ** 2
+  >>> ev(jnp.array(1.0), None, per_example_loss_fn=losses, batch={"x": jnp.arange(4.0)})
+  Array(3.5, dtype=float32)
+  """
+  if not isinstance(micro_shards, int) or micro_shards < 1:
+    raise ValueError(f"micro_shards must be an integer >= 1; got micro_shards={micro_shards!r}")
+
+  def evaluation(params, perturbation, *, who="samx", **extra_args):
+    del perturbation
+    fn = extra_args.get("per_example_loss_fn")
+    batch = extra_args.get("batch")
+    per_example_losses(fn, params, batch, who=who)  # checks the contract (traced once)
+    size = batch_size(batch, who=who)
+    if size % micro_shards:
+      raise ValueError(
+        f"{who}: the batch size {size} must be divisible by micro_shards={micro_shards}"
+      )
+    shards = jax.tree.map(
+      lambda x: x.reshape(micro_shards, size // micro_shards, *x.shape[1:]), batch
+    )
+    ascent_state = ascent.init(params)
+
+    def one(shard):
+      grad = jax.grad(lambda p: jnp.mean(fn(p, shard)))
+      eps, _ = ascent.update(grad(params), ascent_state, params)
+      return grad(optax.apply_updates(params, eps))
+
+    per_shard = jax.vmap(one)(shards)
+    return jax.tree.map(lambda h: jnp.mean(h, axis=0).astype(h.dtype), per_shard)
+
+  return evaluation

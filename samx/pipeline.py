@@ -39,7 +39,7 @@ def sharpness_aware(
   evaluation: Evaluation | None = None,
   combination: Combination | None = None,
   axis_name: str | None = None,
-  sync_ascent: bool = True,
+  sync_ascent: bool | str | tuple[str, ...] = True,
   name: str = "sharpness_aware",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Builds a sharpness-aware optimizer from its four stages.
@@ -69,8 +69,13 @@ def sharpness_aware(
       It receives a function that evaluates ``g_s`` and may skip calling it.
     axis_name: the named data-parallel axis under ``pmap`` / ``shard_map``; the
       perturbed gradient is averaged over it. ``None`` under plain ``jit``.
-    sync_ascent: with ``axis_name``, average ``g`` over the axis before the ascent
-      (one global ``eps``); ``False`` keeps one ``eps`` per device (m-sharpness).
+    sync_ascent: with ``axis_name``, which devices share one ``eps``: ``True``
+      averages ``g`` over ``axis_name`` before the ascent (one global ``eps``, synced
+      SAM); ``False`` keeps one ``eps`` per device (m-sharpness, no collective before
+      the ascent); an axis name or a tuple of names (a subset of ``axis_name``)
+      averages over those axes only, so groups of devices share ``eps`` (e.g. a mesh
+      ``("hosts", "chips")`` with ``axis_name=("hosts", "chips")`` and
+      ``sync_ascent="chips"``).
     name: the name used in error messages.
 
   Returns:
@@ -87,6 +92,7 @@ def sharpness_aware(
   >>> [round(float(u), 4) for u in updates]   # -0.1 * 2 * (w + 0.5 * w / |w|)
   [-0.66, -0.88]
   """
+  ascent_axes = _ascent_axes(sync_ascent, axis_name)
   default_evaluation = gradient_at_perturbed
   if evaluation is None:
     evaluation = default_evaluation
@@ -108,7 +114,7 @@ def sharpness_aware(
     if evaluation is default_evaluation:
       # Fail before any work, with the expected call, when the contract is not met.
       checks.require_grad_fn(extra_args.get("grad_fn"), name)
-    grads = axis_mean(updates, axis_name) if sync_ascent else updates
+    grads = axis_mean(updates, ascent_axes)
     perturbation, ascent_state = ascent.update(grads, state.ascent_state, params, **extra_args)
 
     def evaluate():
@@ -121,3 +127,24 @@ def sharpness_aware(
     return updates, SharpnessAwareState(ascent_state, combine_state, base_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _axis_names(axis_name: str | tuple[str, ...] | None) -> tuple[str, ...]:
+  if axis_name is None:
+    return ()
+  return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
+def _ascent_axes(sync_ascent: Any, axis_name: Any) -> str | tuple[str, ...] | None:
+  """The axes ``g`` is averaged over before the ascent (``None``: none)."""
+  if sync_ascent is True:
+    return axis_name
+  if sync_ascent is False or sync_ascent is None:
+    return None
+  wanted = _axis_names(sync_ascent)
+  if not wanted or not set(wanted) <= set(_axis_names(axis_name)):
+    raise ValueError(
+      "sync_ascent must be True, False, or axis names contained in axis_name; got "
+      f"sync_ascent={sync_ascent!r} with axis_name={axis_name!r}"
+    )
+  return sync_ascent

@@ -6,6 +6,8 @@ called with ``grad_fn``) or ``BLOCKS`` (ascent blocks, plain transformations).
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,7 @@ OPTIMIZERS = {
     samx.asam,
     {"optimizer": optax.sgd(0.1), "rho": 0.5, "eta": 0.01, "layerwise": True},
   ),
+  "msam": (samx.msam, {"optimizer": optax.sgd(0.1, momentum=0.9), "rho": 0.05}),
   "sharpness_aware": (
     samx.sharpness_aware,
     {"optimizer": optax.sgd(0.1), "ascent": samx.scale_by_sam(0.05)},
@@ -37,6 +40,9 @@ BLOCKS = {
 }
 
 ALL = {**OPTIMIZERS, **BLOCKS}
+
+# Structural integer/callable settings that inject_hyperparams must not turn into arrays.
+STATIC_ARGS = ("micro_shards", "mask")
 
 
 def _problem(dtype=jnp.float32):
@@ -104,7 +110,8 @@ def test_inject_hyperparams_gives_identical_results(name):
   factory, kwargs = ALL[name]
   params, batch = _problem()
   tx = factory(**kwargs)
-  injected = optax.inject_hyperparams(factory)(**kwargs)
+  static = tuple(k for k in STATIC_ARGS if k in inspect.signature(factory).parameters)
+  injected = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
   state, injected_state = tx.init(params), injected.init(params)
   for _ in range(2):
     updates, state = jax.jit(lambda p, s: _one_update(name, tx, p, batch, s))(params, state)

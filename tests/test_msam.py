@@ -1,0 +1,215 @@
+"""mSAM: per-device, per-group and per-micro-shard eps against shard-by-shard references."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import samx
+from tests import helpers
+
+LR, RHO = 0.1, 0.05
+DEVICES = 8
+
+
+def per_example_loss(params, batch):
+  x, y = batch
+  h = jnp.tanh(x @ params["W1"] + params["b1"][None, :])
+  r = h @ params["W2"] - y
+  return 0.5 * jnp.sum(r**2, axis=-1)
+
+
+def np_msam_step(params, batch, shards):
+  """One mSAM step with plain SGD: the batch split in order into ``shards`` parts."""
+  x, y = batch
+  size = x.shape[0] // shards
+  per_shard = []
+  for i in range(shards):
+    shard = (x[i * size : (i + 1) * size], y[i * size : (i + 1) * size])
+    g = helpers.grad_numpy(params, shard)
+    norm = helpers.np_norm(g)
+    e = {k: RHO * v / (norm + 1e-12) for k, v in g.items()}
+    per_shard.append(helpers.grad_numpy({k: params[k] + e[k] for k in params}, shard))
+  mean = {k: np.mean([h[k] for h in per_shard], axis=0) for k in params}
+  return {k: params[k] - LR * mean[k] for k in params}
+
+
+def np_msam_run(params, batches, shards):
+  params = helpers.to_numpy(params)
+  for batch in batches:
+    params = np_msam_step(params, helpers.to_numpy(batch), shards)
+  return params
+
+
+def _setup(steps=3, batch=32):
+  params, _ = helpers.make_problem(0)
+  batches = [helpers.make_problem(20 + i, batch=batch)[1] for i in range(steps)]
+  return helpers.to_jax(params, jnp.float32), helpers.to_jax(batches, jnp.float32)
+
+
+def _per_example_step(tx):
+  def step(params, state, batch):
+    zeros = jax.tree.map(jnp.zeros_like, params)  # not used by micro-shard mSAM
+    updates, state = tx.update(
+      zeros, state, params, per_example_loss_fn=per_example_loss, batch=batch
+    )
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def _replicate(tree):
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (DEVICES, *x.shape)), tree)
+
+
+def _split(batch):
+  return jax.tree.map(lambda x: x.reshape(DEVICES, -1, *x.shape[1:]), batch)
+
+
+@pytest.mark.parametrize("micro_shards", [1, 2, 4, 32])
+def test_micro_shards_match_the_shard_by_shard_reference(micro_shards):
+  params, batches = _setup()
+  expected = np_msam_run(params, batches, micro_shards)
+  tx = samx.msam(optax.sgd(LR), rho=RHO, micro_shards=micro_shards)
+  if micro_shards == 1:
+    actual, _ = helpers.run_steps(tx, params, batches)
+  else:
+    step = jax.jit(_per_example_step(tx))
+    actual, state = params, tx.init(params)
+    for batch in batches:
+      actual, state = step(actual, state, batch)
+  assert helpers.relative_error(actual, expected) < 1e-5
+
+
+def test_one_shard_is_sam():
+  params, batches = _setup()
+  sam, _ = helpers.run_steps(samx.sam(optax.sgd(LR), rho=RHO), params, batches)
+  msam, _ = helpers.run_steps(samx.msam(optax.sgd(LR), rho=RHO), params, batches)
+  assert helpers.relative_error(msam, helpers.to_numpy(sam)) < 1e-7
+
+
+def test_micro_shards_differ_from_sam():
+  params, batches = _setup()
+  sam = helpers.to_numpy(
+    helpers.run_steps(samx.sam(optax.sgd(LR), rho=RHO), params, batches)[0]
+  )
+  assert helpers.relative_error(np_msam_run(params, batches, 4), sam) > 1e-5
+
+
+@pytest.mark.parametrize("micro_shards", [1, 2])
+def test_pmap_devices_times_micro_shards(micro_shards):
+  params, batches = _setup()
+  expected = np_msam_run(params, batches, DEVICES * micro_shards)
+  tx = samx.msam(optax.sgd(LR), rho=RHO, axis_name="d", micro_shards=micro_shards)
+  if micro_shards == 1:
+
+    def step(params, state, batch):
+      grads = jax.grad(helpers.loss_jax)(params, batch)
+      grad_fn = lambda p: jax.grad(helpers.loss_jax)(p, batch)
+      updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+      return optax.apply_updates(params, updates), state
+
+  else:
+    step = _per_example_step(tx)
+  step = jax.pmap(step, axis_name="d")
+  p, s = _replicate(params), _replicate(tx.init(params))
+  for batch in batches:
+    p, s = step(p, s, _split(batch))
+  assert helpers.relative_error(jax.tree.map(lambda x: x[0], p), expected) < 1e-5
+
+
+def test_groups_of_devices_share_eps_on_a_2d_mesh():
+  # Mesh (groups=2, chips=4): eps averaged over "chips" only, one eps per group of 4.
+  params, batches = _setup()
+  expected = np_msam_run(params, batches, 2)
+  mesh = jax.make_mesh(
+    (2, 4), ("groups", "chips"), axis_types=(jax.sharding.AxisType.Auto,) * 2
+  )
+  axes = ("groups", "chips")
+  tx = samx.msam(optax.sgd(LR), rho=RHO, axis_name=axes, sync_ascent="chips")
+
+  def step(params, state, batch):
+    grads = jax.grad(helpers.loss_jax)(params, batch)
+    grad_fn = lambda p: jax.grad(helpers.loss_jax)(p, batch)
+    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state
+
+  with jax.set_mesh(mesh):
+    sharded = jax.jit(
+      jax.shard_map(step, in_specs=(P(), P(), P(axes)), out_specs=(P(), P()), check_vma=False)
+    )
+    p, s = params, tx.init(params)
+    for batch in batches:
+      p, s = sharded(p, s, jax.device_put(batch, NamedSharding(mesh, P(axes))))
+  assert helpers.relative_error(p, expected) < 1e-5
+
+
+def _all_reduces(tx):
+  params, batches = _setup(steps=1)
+
+  def step(p, s, b):
+    g = jax.grad(helpers.loss_jax)(p, b)
+    u, s = tx.update(g, s, p, grad_fn=lambda q: jax.grad(helpers.loss_jax)(q, b))
+    return optax.apply_updates(p, u), s
+
+  compiled = (
+    jax.pmap(step, axis_name="d")
+    .lower(_replicate(params), _replicate(tx.init(params)), _split(batches[0]))
+    .compile()
+  )
+  return [
+    line for line in compiled.as_text().splitlines() if re.search(r"= .*all-reduce\(", line)
+  ]
+
+
+def test_per_device_eps_needs_one_all_reduce_and_synced_sam_two():
+  msam = _all_reduces(samx.msam(optax.sgd(LR), rho=RHO, axis_name="d"))
+  synced = _all_reduces(samx.sam(optax.sgd(LR), rho=RHO, axis_name="d"))
+  assert len(msam) == 1, msam
+  assert len(synced) == 2, synced
+  # Each all-reduce carries the whole gradient: W1 (5, 7), W2 (7, 3), b1 (7,).
+  for line in msam + synced:
+    assert "f32[5,7]" in line and "f32[7,3]" in line and "f32[7]" in line
+
+
+@pytest.mark.parametrize(
+  "make, error, pattern",
+  [
+    (lambda: samx.msam(optax.sgd(LR), micro_shards=0), ValueError, "micro_shards must be"),
+    (
+      lambda: samx.msam(optax.sgd(LR), micro_shards=2, rho=optax.constant_schedule(0.1)),
+      ValueError,
+      "rho must be a number or a per-leaf pytree",
+    ),
+    (
+      lambda: samx.msam(optax.sgd(LR), axis_name="d", sync_ascent="x"),
+      ValueError,
+      "sync_ascent must be True, False, or axis names contained in axis_name",
+    ),
+  ],
+)
+def test_bad_configuration(make, error, pattern):
+  with pytest.raises(error, match=pattern):
+    make()
+
+
+def test_batch_not_divisible_by_micro_shards():
+  params, batches = _setup(steps=1, batch=6)
+  tx = samx.msam(optax.sgd(LR), micro_shards=4)
+  with pytest.raises(ValueError, match=r"batch size 6 must be divisible by micro_shards=4"):
+    _per_example_step(tx)(params, tx.init(params), batches[0])
+
+
+def test_micro_shards_need_the_per_example_contract():
+  params, batches = _setup(steps=1)
+  tx = samx.msam(optax.sgd(LR), micro_shards=2)
+  grads = jax.grad(helpers.loss_jax)(params, batches[0])
+  with pytest.raises(TypeError, match="per_example_loss_fn and batch"):
+    tx.update(grads, tx.init(params), params, grad_fn=lambda p: grads)
