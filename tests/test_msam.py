@@ -17,6 +17,12 @@ from tests import helpers
 
 LR, RHO = 0.1, 0.05
 DEVICES = 8
+STEPS = 3
+
+
+def global_batches(steps=STEPS, batch=32):
+  """The batches every test (and every process of the multi-host test) uses."""
+  return [helpers.make_problem(20 + i, batch=batch)[1] for i in range(steps)]
 
 
 def per_example_loss(params, batch):
@@ -48,10 +54,11 @@ def np_msam_run(params, batches, shards):
   return params
 
 
-def _setup(steps=3, batch=32):
+def _setup(steps=STEPS, batch=32):
   params, _ = helpers.make_problem(0)
-  batches = [helpers.make_problem(20 + i, batch=batch)[1] for i in range(steps)]
-  return helpers.to_jax(params, jnp.float32), helpers.to_jax(batches, jnp.float32)
+  return helpers.to_jax(params, jnp.float32), helpers.to_jax(
+    global_batches(steps, batch), jnp.float32
+  )
 
 
 def _per_example_step(tx):
