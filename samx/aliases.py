@@ -163,6 +163,16 @@ def msam(
   that pass; the step then costs the FLOPs of SAM). ``micro_shards`` is static:
   under :func:`optax.inject_hyperparams` pass ``static_args="micro_shards"``.
 
+  Gradient accumulation is mSAM with ``m`` = the micro-batch: put samx *before*
+  :class:`optax.MultiSteps`, so every micro-step computes its own SAM gradient and
+  MultiSteps averages them::
+
+    tx = optax.chain(samx.sam(optax.identity(), rho),
+                     optax.MultiSteps(base, k).gradient_transformation())
+
+  (``optax.MultiSteps(samx.sam(base, rho), k)`` instead perturbs along the
+  accumulated mean gradient but evaluates ``g_s`` on the last micro-batch only.)
+
   Args:
     optimizer: the base optimizer.
     rho: the radius (a number or per-leaf pytree; a schedule only with

@@ -220,3 +220,33 @@ def test_micro_shards_need_the_per_example_contract():
   grads = jax.grad(helpers.loss_jax)(params, batches[0])
   with pytest.raises(TypeError, match="per_example_loss_fn and batch"):
     tx.update(grads, tx.init(params), params, grad_fn=lambda p: grads)
+
+
+def test_gradient_accumulation_is_msam_with_m_equal_to_the_micro_batch():
+  # samx before MultiSteps: every micro-step computes its own SAM gradient h_i with its
+  # own eps; MultiSteps averages the h_i and applies the base optimizer every k steps.
+  k = 4
+  params, batches = _setup(steps=2)
+  expected = np_msam_run(params, batches, k)
+  tx = optax.chain(
+    samx.sam(optax.identity(), rho=RHO),
+    optax.MultiSteps(optax.sgd(LR), every_k_schedule=k).gradient_transformation(),
+  )
+
+  @jax.jit
+  def micro_step(params, state, micro_batch):
+    grads = jax.grad(helpers.loss_jax)(params, micro_batch)
+    grad_fn = lambda p: jax.grad(helpers.loss_jax)(p, micro_batch)
+    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state, updates
+
+  p, s = params, tx.init(params)
+  for batch in batches:
+    micro = jax.tree.map(lambda x: x.reshape(k, -1, *x.shape[1:]), batch)
+    for i in range(k):
+      before = p
+      p, s, updates = micro_step(p, s, jax.tree.map(lambda x, i=i: x[i], micro))
+      if i < k - 1:  # no weight drift between micro-steps
+        assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+        assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), p, before))
+  assert helpers.relative_error(p, expected) < 1e-5
