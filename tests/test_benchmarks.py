@@ -26,3 +26,14 @@ def test_speed_benchmark_quick_run(tmp_path):
   text = json.dumps(results)
   # samx's step and the hand-written one computed the same parameters.
   assert "max_abs_param_diff_hand_vs_samx" in text
+
+
+def test_edge_of_stability_quick_run(tmp_path):
+  spec = importlib.util.spec_from_file_location(
+    "samx_eos_benchmark", SPEED.parent / "edge_of_stability.py"
+  )
+  eos = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(eos)
+  with jax.numpy_rank_promotion("allow"):
+    eos.main(["--quick", "--steps", "40", "--every", "20", "--out", str(tmp_path)])
+  assert (tmp_path / "edge_of_stability.png").exists()
