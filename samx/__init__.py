@@ -8,7 +8,7 @@ One ``update`` call is one training step::
 """
 
 from samx import diagnostics, evaluation, masks, numerics
-from samx.aliases import asam, msam, sam
+from samx.aliases import asam, fsam, msam, random_sam, sam, vasso
 from samx.ascent import (
   ScaleBySAMState,
   radius_per_leaf,
@@ -17,6 +17,14 @@ from samx.ascent import (
   scale_by_weight_magnitude,
 )
 from samx.combination import Combination, use_perturbed_gradient
+from samx.directions import (
+  FSAMDirectionState,
+  RandomDirectionState,
+  VaSSODirectionState,
+  fsam_direction,
+  random_direction,
+  vasso_direction,
+)
 from samx.evaluation import (
   axis_mean,
   gradient_at_perturbed,
@@ -31,13 +39,18 @@ __version__ = "0.1.0"
 
 __all__ = [
   "Combination",
+  "FSAMDirectionState",
+  "RandomDirectionState",
   "ScaleBySAMState",
   "SharpnessAwareState",
+  "VaSSODirectionState",
   "apply_gradients",
   "asam",
   "axis_mean",
   "diagnostics",
   "evaluation",
+  "fsam",
+  "fsam_direction",
   "gradient_at_perturbed",
   "linen_grad_fn",
   "masks",
@@ -47,11 +60,15 @@ __all__ = [
   "per_example_losses",
   "perturbed_gradient",
   "radius_per_leaf",
+  "random_direction",
+  "random_sam",
   "sam",
   "scale_by_asam",
   "scale_by_sam",
   "scale_by_weight_magnitude",
   "sharpness_aware",
   "use_perturbed_gradient",
+  "vasso",
+  "vasso_direction",
   "weight_leaves",
 ]

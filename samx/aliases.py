@@ -8,11 +8,12 @@ import jax
 import optax
 
 from samx import ascent as ascent_blocks
+from samx.directions import fsam, random_sam, vasso
 from samx.evaluation import micro_shard_evaluation
 from samx.masks import Mask
 from samx.pipeline import sharpness_aware
 
-__all__ = ["asam", "msam", "sam"]
+__all__ = ["asam", "fsam", "msam", "random_sam", "sam", "vasso"]
 
 
 def sam(

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 __all__ = [
+  "check_condition",
   "check_nonnegative",
   "check_positive",
   "check_same_structure",
@@ -42,7 +43,16 @@ def _concrete_values(value: Any):
       )
 
 
-def _check(name: str, value: Any, ok: Callable[[float], bool], form: str) -> None:
+def check_condition(name: str, value: Any, ok: Callable[[float], bool], form: str) -> None:
+  """Raises ``ValueError`` unless ``ok(v)`` for every concrete number ``v`` in ``value``.
+
+  ``form`` describes what is expected and appears in the message with the value.
+
+  >>> check_condition("decay", 1.5, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+  Traceback (most recent call last):
+  ...
+  ValueError: decay must be a number in [0, 1]; got decay=1.5
+  """
   try:
     values = list(_concrete_values(value))
   except TypeError as err:
@@ -67,7 +77,7 @@ def check_nonnegative(name: str, value: Any) -> None:
   ...
   ValueError: rho must be a non-negative number, schedule or pytree of them; got rho=-0.1
   """
-  _check(
+  check_condition(
     name,
     value,
     lambda v: v >= 0,
@@ -83,7 +93,7 @@ def check_positive(name: str, value: Any) -> None:
   ...
   ValueError: eps must be a positive number; got eps=0.0
   """
-  _check(name, value, lambda v: v > 0, "a positive number")
+  check_condition(name, value, lambda v: v > 0, "a positive number")
 
 
 def require_params(params: Any, who: str) -> None:
@@ -135,3 +145,6 @@ def check_same_structure(name_a: str, a: Any, name_b: str, b: Any) -> None:
         f"{name_a} and {name_b} differ in shape at {jax.tree_util.keystr(path)}: "
         f"{np.shape(leaf_a)} vs {np.shape(leaf_b)}"
       )
+
+
+_check = check_condition  # older private name

@@ -26,6 +26,12 @@ OPTIMIZERS = {
     samx.asam,
     {"optimizer": optax.sgd(0.1), "rho": 0.5, "eta": 0.01, "layerwise": True},
   ),
+  "fsam": (
+    samx.fsam,
+    {"optimizer": optax.sgd(0.1, momentum=0.9), "rho": 0.2, "sigma": 0.5, "decay": 0.6},
+  ),
+  "vasso": (samx.vasso, {"optimizer": optax.sgd(0.1, momentum=0.9), "rho": 0.05, "theta": 0.9}),
+  "random_sam": (samx.random_sam, {"optimizer": optax.sgd(0.1), "rho": 0.05, "key": 3}),
   "msam": (samx.msam, {"optimizer": optax.sgd(0.1, momentum=0.9), "rho": 0.05}),
   "sharpness_aware": (
     samx.sharpness_aware,
@@ -37,6 +43,9 @@ BLOCKS = {
   "scale_by_sam": (samx.scale_by_sam, {"rho": 0.05}),
   "scale_by_asam": (samx.scale_by_asam, {"rho": 0.5, "eta": 0.01}),
   "scale_by_weight_magnitude": (samx.scale_by_weight_magnitude, {"eta": 0.01}),
+  "fsam_direction": (samx.fsam_direction, {"sigma": 1.0, "decay": 0.9}),
+  "vasso_direction": (samx.vasso_direction, {"theta": 0.9}),
+  "random_direction": (samx.random_direction, {"key": 3}),
 }
 
 ALL = {**OPTIMIZERS, **BLOCKS}
