@@ -194,7 +194,15 @@ def test_functions_jit_without_retracing():
     top = jax.tree.map(lambda v: v[0], eig.eigenvectors)
     align = diagnostics.gradient_alignment(loss, p, top)
     line = diagnostics.loss_slice_1d(loss, p, top, jnp.linspace(-1, 1, 3))
-    return eig.eigenvalues, trace, align, line
+    d = diagnostics.filter_normalized_direction(p, key)
+    plane = diagnostics.loss_slice_2d(loss, p, (top, d), jnp.zeros(2), jnp.ones(2))
+    per_example = lambda q, b: (
+      0.5
+      * jnp.sum((jnp.tanh(b[0] @ q["W1"] + q["b1"][None, :]) @ q["W2"] - b[1]) ** 2, axis=-1)
+    )
+    sharp = diagnostics.m_sharpness(per_example, p, batch, m=4, num_steps=2, key=key)
+    edge = diagnostics.sam_edge(0.1, 0.05, trace)
+    return eig.eigenvalues, trace, align, line, plane, sharp, edge
 
   measure(params, jax.random.key(0))
   moved = jax.tree.map(lambda x: x * 1.1, params)
