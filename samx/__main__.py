@@ -3,7 +3,8 @@
 Subcommands:
 
 - ``demo`` (the default when none is given): SGD vs SAM vs ASAM on scikit-learn's
-  digits with noisy labels; see :mod:`samx.demo`.
+  digits with noisy labels, optionally with an m sweep of mSAM
+  (``--variants sgd,sam,msam --msam-m 64,16,4,1``); see :mod:`samx.demo`.
 
 ``python -m samx --epochs 20`` is ``python -m samx demo --epochs 20``;
 ``python -m samx demo --help`` lists the demo's flags.
@@ -38,7 +39,8 @@ _COMMANDS: dict[
   tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]],
 ] = {
   "demo": (
-    "SGD vs SAM vs ASAM on digits with 40% label noise: table, plot, JSON",
+    "SGD vs SAM vs ASAM (opt-in: mSAM m sweep) on digits with 40% label noise: "
+    "table, plot, JSON",
     _demo_arguments,
     _demo_run,
   ),

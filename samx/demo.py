@@ -1,8 +1,9 @@
-"""The main job: SGD vs SAM vs ASAM on scikit-learn's digits with noisy labels.
+"""The main job: SGD vs SAM vs ASAM (and mSAM) on scikit-learn's digits with noisy labels.
 
 ``python -m samx`` trains an MLP (64-256-256-10, ReLU, He-normal kernels, zero
 biases) on the digits data set that ships with scikit-learn (no download) and compares
-plain SGD with :func:`samx.sam` and :func:`samx.asam`:
+plain SGD with :func:`samx.sam` and :func:`samx.asam` (and, on request, an m sweep of
+:func:`samx.msam`):
 
 - **Data.** The 1,797 8x8 images are split once, by a fixed permutation that does
   not depend on the seed, into 1,000 training and 797 test examples; pixels are
@@ -18,6 +19,14 @@ plain SGD with :func:`samx.sam` and :func:`samx.asam`:
   ``tx.update(grads, state, params, grad_fn=...)`` per step. Batch 64; each epoch
   reshuffles the training set and drops the last incomplete batch (1000 // 64 = 15
   steps per epoch).
+- **mSAM (opt-in).** ``--variants ...,msam --msam-m 64,16,4,1`` adds one row per
+  shard size ``m``: ``samx.msam(sgd, rho_msam, micro_shards=batch_size // m)``, one
+  perturbation per micro-shard of ``m`` examples (``m`` must divide the batch size).
+  With ``micro_shards > 1`` the step uses samx's per-example contract
+  (``per_example_loss_fn`` = the per-example cross-entropy, ``batch`` = the
+  minibatch) and passes zero gradients, which micro-shard mSAM does not use, so a step
+  costs the gradient FLOPs of SAM (plus one forward pass for the logged loss);
+  ``m = batch_size`` is one shard, i.e. SAM, through the ``grad_fn`` contract.
 - **Seeds.** Seed ``s`` (``0 .. seeds - 1``) fixes the initialisation, the noise
   draw and the batch order, and every optimizer gets the same ones (paired runs).
   All seeds train at once under :func:`jax.vmap`; one epoch is one jitted
@@ -55,6 +64,19 @@ about ``|w|`` times SAM's (``|w|`` ~ 0.1 here), hence the larger radius. The
 default ASAM radius, 3, is the largest value tried that is stable over six seeds
 with a margin below the breakdown at 4 (3.5 ends higher, 0.897 ± 0.016 over six
 seeds, but sits next to it).
+
+mSAM (``--variants msam --msam-m 64,16,4,1``, final / best, same settings)::
+
+  rho    m=64 (= SAM)    m=16            m=4             m=1
+  1      0.921 / 0.945   0.152 / 0.220   0.096 / 0.147   0.094 / 0.123
+  0.3    0.703 / 0.938   0.721 / 0.946   0.479 / 0.543   0.104 / 0.178
+  0.1    0.691 / 0.923   0.693 / 0.928   0.704 / 0.941   0.727 / 0.946
+
+A perturbation per micro-shard is a stronger perturbation than one per batch: at a
+fixed rho, smaller m regularises more, and the radius where training breaks down
+falls with m: SAM's rho = 1 trains only at m = 64, so ``--rho-msam`` defaults to 0.1.
+Small m is slow on CPU (k perturbed copies of the weights; see
+``benchmarks/SCALING.md``).
 """
 
 from __future__ import annotations
@@ -63,6 +85,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -73,13 +96,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from samx.aliases import asam, sam
+from samx.aliases import asam, msam, sam
 
 __all__ = [
+  "DEFAULT_MSAM_M",
   "DEFAULT_RHO_ASAM",
+  "DEFAULT_RHO_MSAM",
   "DEFAULT_RHO_SAM",
   "VARIANTS",
   "DemoConfig",
+  "Variant",
   "add_demo_arguments",
   "config_from_args",
   "format_table",
@@ -97,6 +123,8 @@ LAYER_SIZES = (64, 256, 256, NUM_CLASSES)
 MOMENTUM = 0.9
 DEFAULT_RHO_SAM = 1.0
 DEFAULT_RHO_ASAM = 3.0
+DEFAULT_RHO_MSAM = 0.1  # the only radius of the sweep that trains at every m
+DEFAULT_MSAM_M = (64, 16, 4, 1)  # shard sizes of the mSAM sweep (batch 64: 1 to 64 shards)
 ASAM_ETA = 0.01
 SPLIT_SEED = 0  # the train/test split is fixed, independent of --seeds
 
@@ -109,6 +137,9 @@ class DemoConfig:
     variants: the optimizers to compare, names from :data:`VARIANTS`.
     rho_sam: SAM's radius.
     rho_asam: ASAM's radius (with ``eta = 0.01``).
+    rho_msam: mSAM's radius (the same for every ``m``).
+    msam_m: the shard sizes ``m`` of the ``msam`` variant, one row each; every ``m``
+      must divide ``batch_size`` (``micro_shards = batch_size // m``).
     noise: the fraction of training labels replaced by a different class.
     epochs: passes over the 1,000 training examples.
     seeds: how many seeds (``0 .. seeds - 1``), trained together under ``vmap``.
@@ -121,6 +152,8 @@ class DemoConfig:
   variants: tuple[str, ...] = ("sgd", "sam", "asam")
   rho_sam: float = DEFAULT_RHO_SAM
   rho_asam: float = DEFAULT_RHO_ASAM
+  rho_msam: float = DEFAULT_RHO_MSAM
+  msam_m: tuple[int, ...] = DEFAULT_MSAM_M
   noise: float = 0.4
   epochs: int = 150
   seeds: int = 3
@@ -132,41 +165,68 @@ class DemoConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """One optimizer of the comparison.
+  """One optimizer of the comparison: one row of the table.
 
   Attributes:
+    key: the row's key in ``results.json`` (``"sgd"``, ``"sam"``, ``"msam_m16"``, ...).
     label: the name shown in the table and the plot.
     rho: the radius, ``None`` for plain SGD.
     tx: the optax transformation.
-    sharpness_aware: whether ``update`` takes ``grad_fn`` (the samx contract).
+    contract: how ``update`` is called: ``None`` (plain optax), ``"grad_fn"`` (the
+      samx contract) or ``"per_example"`` (``per_example_loss_fn`` and ``batch``).
+    m: mSAM's shard size, ``None`` for the other optimizers.
   """
 
+  key: str
   label: str
   rho: float | None
   tx: optax.GradientTransformation
-  sharpness_aware: bool
+  contract: str | None
+  m: int | None = None
 
 
-def _sgd(config: DemoConfig) -> Variant:
-  return Variant("SGD", None, optax.sgd(config.lr, momentum=MOMENTUM), False)
+def _sgd(config: DemoConfig) -> tuple[Variant, ...]:
+  return (Variant("sgd", "SGD", None, optax.sgd(config.lr, momentum=MOMENTUM), None),)
 
 
-def _sam(config: DemoConfig) -> Variant:
+def _sam(config: DemoConfig) -> tuple[Variant, ...]:
   tx = sam(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_sam)
-  return Variant(f"SAM (rho={config.rho_sam:g})", config.rho_sam, tx, True)
+  return (Variant("sam", f"SAM (rho={config.rho_sam:g})", config.rho_sam, tx, "grad_fn"),)
 
 
-def _asam(config: DemoConfig) -> Variant:
+def _asam(config: DemoConfig) -> tuple[Variant, ...]:
   tx = asam(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_asam, eta=ASAM_ETA)
-  return Variant(f"ASAM (rho={config.rho_asam:g})", config.rho_asam, tx, True)
+  label = f"ASAM (rho={config.rho_asam:g})"
+  return (Variant("asam", label, config.rho_asam, tx, "grad_fn"),)
 
 
-VARIANTS: dict[str, Callable[[DemoConfig], Variant]] = {
+def _msam(config: DemoConfig) -> tuple[Variant, ...]:
+  _check_msam_m(config.msam_m, config.batch_size)
+  rows = []
+  for m in config.msam_m:
+    shards = config.batch_size // m
+    tx = msam(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_msam, micro_shards=shards)
+    contract = "grad_fn" if shards == 1 else "per_example"
+    rows.append(Variant(f"msam_m{m}", f"mSAM (m={m})", config.rho_msam, tx, contract, m))
+  return tuple(rows)
+
+
+VARIANTS: dict[str, Callable[[DemoConfig], tuple[Variant, ...]]] = {
   "sgd": _sgd,
   "sam": _sam,
   "asam": _asam,
+  "msam": _msam,
 }
-"""The optimizers the demo knows, by ``--variants`` name."""
+"""The optimizers the demo knows, by ``--variants`` name; each gives one or more rows."""
+
+
+def _check_msam_m(msam_m: Sequence[int], batch_size: int) -> None:
+  bad = [m for m in msam_m if not isinstance(m, int) or m < 1 or batch_size % m]
+  if bad or not msam_m or len(set(msam_m)) != len(msam_m):
+    raise ValueError(
+      f"msam_m (--msam-m) must be distinct shard sizes m >= 1 that divide the batch size "
+      f"{batch_size}; got {tuple(msam_m)}"
+    )
 
 
 # ---------------------------------------------------------------------------- data
@@ -254,9 +314,14 @@ def mlp_apply(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
   return _dense(params[-1], x)
 
 
+def _per_example_loss(params, batch):
+  """The ``(B,)`` cross-entropies of ``batch = (x, y)``: samx's per-example contract."""
+  x, y = batch
+  return optax.softmax_cross_entropy_with_integer_labels(mlp_apply(params, x), y)
+
+
 def _loss(params, x, y):
-  logits = mlp_apply(params, x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return _per_example_loss(params, (x, y)).mean()
 
 
 def _accuracy(params, x, y):
@@ -291,11 +356,20 @@ def _make_epoch(variant: Variant, batch_size: int, data):
   def step(carry, idx):
     params, opt_state, y_noisy = carry
     x, y = x_train[idx], y_noisy[idx]
-    loss, grads = jax.value_and_grad(_loss)(params, x, y)
-    if variant.sharpness_aware:
+    if variant.contract == "per_example":
+      # Micro-shard mSAM computes each shard's clean gradient itself and ignores the
+      # grads given to update: pass zeros, and log the loss of a forward pass.
+      loss = _loss(params, x, y)
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      updates, opt_state = tx.update(
+        zeros, opt_state, params, per_example_loss_fn=_per_example_loss, batch=(x, y)
+      )
+    elif variant.contract == "grad_fn":
+      loss, grads = jax.value_and_grad(_loss)(params, x, y)
       grad_fn = lambda p: jax.grad(_loss)(p, x, y)
       updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
     else:
+      loss, grads = jax.value_and_grad(_loss)(params, x, y)
       updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return (params, opt_state, y_noisy), loss
@@ -343,7 +417,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
   Returns:
     The dictionary saved as ``results.json``: ``"config"``, ``"data"``,
-    ``"results"`` (per variant: ``"label"``, ``"rho"``, ``"test_accuracy"`` and
+    ``"results"`` (per row, keyed by :attr:`Variant.key`: ``"label"``, ``"rho"``,
+    ``"m"`` (mSAM rows only), ``"test_accuracy"`` and
     ``"train_loss"`` as ``seeds x epochs`` lists, ``"final"`` and ``"best"``
     summaries with ``"per_seed"``, ``"mean"``, ``"std"``, and ``"seconds"``),
     ``"files"`` and ``"seconds"``.
@@ -353,26 +428,29 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     raise ValueError(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
   if config.epochs < 1 or config.seeds < 1:
     raise ValueError("epochs and seeds must be >= 1")
+  if "msam" in config.variants:
+    _check_msam_m(config.msam_m, config.batch_size)
   start = time.perf_counter()
+  rows = [v for name in config.variants for v in VARIANTS[name](config)]
   data = load_digits_split()
   init = _init_seeds(jnp.arange(config.seeds), jnp.asarray(data[1]), config.noise)
   bar = None
   if config.progress:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=config.epochs * len(config.variants), unit="epoch", dynamic_ncols=True)
+    bar = tqdm(total=config.epochs * len(rows), unit="epoch", dynamic_ncols=True)
   results = {}
   try:
-    for name in config.variants:
-      variant = VARIANTS[name](config)
+    for variant in rows:
       if bar is not None:
         bar.set_description(variant.label)
       t0 = time.perf_counter()
       curves = _train(variant, config, data, init, bar)
       acc = curves["test_accuracy"]
-      results[name] = {
+      results[variant.key] = {
         "label": variant.label,
         "rho": variant.rho,
+        **({} if variant.m is None else {"m": variant.m}),
         "test_accuracy": acc.tolist(),
         "train_loss": curves["train_loss"].tolist(),
         "final": _summary(acc[:, -1]),
@@ -471,6 +549,18 @@ def _fraction(text: str) -> float:
   return value
 
 
+def _shard_sizes(text: str) -> tuple[int, ...]:
+  try:
+    sizes = tuple(int(v) for v in text.split(",") if v.strip())
+  except ValueError:
+    sizes = ()
+  if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+    raise argparse.ArgumentTypeError(
+      f"must be distinct integers >= 1 separated by commas, e.g. 64,16,4,1; got {text!r}"
+    )
+  return sizes
+
+
 def _variant_list(text: str) -> tuple[str, ...]:
   names = tuple(v.strip().lower() for v in text.split(",") if v.strip())
   unknown = [v for v in names if v not in VARIANTS]
@@ -499,6 +589,20 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     type=_nonnegative_float,
     default=d.rho_asam,
     help=f"ASAM radius, eta={ASAM_ETA} (%(default)s)",
+  )
+  parser.add_argument(
+    "--rho-msam",
+    type=_nonnegative_float,
+    default=d.rho_msam,
+    help="mSAM radius, the same for every m (%(default)s)",
+  )
+  parser.add_argument(
+    "--msam-m",
+    type=_shard_sizes,
+    default=d.msam_m,
+    metavar="M[,M...]",
+    help="mSAM shard sizes, one row each; each must divide --batch-size, "
+    f"micro_shards = batch_size // m ({','.join(map(str, d.msam_m))})",
   )
   parser.add_argument(
     "--noise",
@@ -533,7 +637,14 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 def run_command(args: argparse.Namespace) -> int:
   """Runs the demo for parsed flags and prints the table; returns the exit status."""
-  report = run_demo(config_from_args(args))
+  config = config_from_args(args)
+  if "msam" in config.variants:
+    try:
+      _check_msam_m(config.msam_m, config.batch_size)
+    except ValueError as err:
+      print(f"samx demo: error: {err}", file=sys.stderr)
+      return 2
+  report = run_demo(config)
   print(format_table(report))
   files = report["files"]
   print(f"saved {files['plot']} and {files['json']} ({report['seconds']:.0f} s)")

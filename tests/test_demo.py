@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -63,10 +64,14 @@ def test_label_noise_rejects_bad_rate():
 def test_tiny_run_writes_plot_and_json(tmp_path, capsys):
   epochs, seeds = 3, 2
   argv = ["--epochs", str(epochs), "--seeds", str(seeds), "--out", str(tmp_path), "--quiet"]
+  # The default variants plus mSAM with m=16: four micro-shards of the batch of 64 (the
+  # per-example contract with zero grads).
+  argv += ["--variants", "sgd,sam,asam,msam", "--msam-m", "16"]
   assert cli.main(argv) == 0  # no subcommand: runs "demo"
 
   table = capsys.readouterr().out
-  for label in ("SGD", "SAM (rho=1)", f"ASAM (rho={demo.DEFAULT_RHO_ASAM:g})"):
+  labels = ["SGD", "SAM (rho=1)", f"ASAM (rho={demo.DEFAULT_RHO_ASAM:g})"]
+  for label in [*labels, "mSAM (m=16)"]:
     assert label in table
   assert "±" in table
 
@@ -77,10 +82,17 @@ def test_tiny_run_writes_plot_and_json(tmp_path, capsys):
   assert report["config"]["epochs"] == epochs and report["config"]["seeds"] == seeds
   assert report["data"]["num_train"] == 1000 and report["data"]["num_test"] == 797
   assert report["data"]["num_flipped"] == 400
-  assert list(report["results"]) == ["sgd", "sam", "asam"]
-  assert report["results"]["sgd"]["rho"] is None
-  assert report["results"]["sam"]["rho"] == demo.DEFAULT_RHO_SAM
-  assert report["results"]["asam"]["rho"] == demo.DEFAULT_RHO_ASAM
+  results = report["results"]
+  assert list(results) == ["sgd", "sam", "asam", "msam_m16"]
+  assert results["sgd"]["rho"] is None
+  assert results["sam"]["rho"] == demo.DEFAULT_RHO_SAM
+  assert results["asam"]["rho"] == demo.DEFAULT_RHO_ASAM
+  assert results["msam_m16"]["rho"] == demo.DEFAULT_RHO_MSAM
+  assert [results[k].get("m") for k in results] == [None, None, None, 16]
+  # Same rho as SAM, but four perturbations per step: a different trajectory (the
+  # logged loss is the clean batch loss, from a forward pass).
+  assert results["msam_m16"]["train_loss"] != results["sam"]["train_loss"]
+  assert 1.5 < results["msam_m16"]["train_loss"][0][0] < 3.0
   for entry in report["results"].values():
     acc = np.asarray(entry["test_accuracy"])
     assert acc.shape == (seeds, epochs)
@@ -95,6 +107,20 @@ def test_tiny_run_writes_plot_and_json(tmp_path, capsys):
   assert report["results"]["sgd"]["final"]["mean"] > 0.5
 
 
+def test_msam_rows_from_the_config():
+  config = demo.DemoConfig(variants=("msam",), msam_m=(64, 16, 1), rho_msam=0.25)
+  rows = demo.VARIANTS["msam"](config)
+  assert [r.label for r in rows] == ["mSAM (m=64)", "mSAM (m=16)", "mSAM (m=1)"]
+  assert [r.key for r in rows] == ["msam_m64", "msam_m16", "msam_m1"]
+  # m = batch size is one shard, i.e. SAM, through the grad_fn contract.
+  assert [r.contract for r in rows] == ["grad_fn", "per_example", "per_example"]
+  assert {r.rho for r in rows} == {0.25}
+  assert demo.DemoConfig().rho_msam == demo.DEFAULT_RHO_MSAM
+  assert demo.DemoConfig().variants == ("sgd", "sam", "asam")  # mSAM is opt-in
+  with pytest.raises(ValueError, match="divide the batch size 64"):
+    demo.VARIANTS["msam"](dataclasses.replace(config, msam_m=(48,)))
+
+
 def test_parser_demo_subcommand_and_flags():
   args = cli.build_parser().parse_args(
     ["demo", "--variants", "sgd, SAM", "--rho-sam", "0.5", "--noise", "0.2", "--quiet"]
@@ -103,11 +129,34 @@ def test_parser_demo_subcommand_and_flags():
   assert config.variants == ("sgd", "sam")
   assert config.rho_sam == 0.5 and config.noise == 0.2 and not config.progress
   assert config.rho_asam == demo.DEFAULT_RHO_ASAM and config.epochs == 150
+  assert config.rho_msam == demo.DEFAULT_RHO_MSAM and config.msam_m == demo.DEFAULT_MSAM_M
+  args = cli.build_parser().parse_args(
+    ["demo", "--variants", "sgd,msam", "--msam-m", "64, 16,4,1", "--rho-msam", "0.1"]
+  )
+  config = demo.config_from_args(args)
+  assert config.variants == ("sgd", "msam") and config.msam_m == (64, 16, 4, 1)
+  assert config.rho_msam == 0.1
+
+
+def test_msam_m_must_divide_the_batch_size(tmp_path, capsys):
+  argv = ["--variants", "msam", "--msam-m", "16,5", "--out", str(tmp_path), "--quiet"]
+  assert cli.main(argv) == 2
+  assert "divide the batch size 64" in capsys.readouterr().err
+  assert not (tmp_path / "results.json").exists()
 
 
 @pytest.mark.parametrize(
   "argv",
-  [["--variants", "adam"], ["--noise", "1.5"], ["--epochs", "0"], ["--rho-sam", "-1"]],
+  [
+    ["--variants", "adam"],
+    ["--noise", "1.5"],
+    ["--epochs", "0"],
+    ["--rho-sam", "-1"],
+    ["--rho-msam", "-1"],
+    ["--msam-m", "0"],
+    ["--msam-m", "4,4"],
+    ["--msam-m", "a"],
+  ],
 )
 def test_parser_rejects_bad_flags(argv, capsys):
   with pytest.raises(SystemExit):
