@@ -164,10 +164,12 @@ def msam(
   that pass; the step then costs the FLOPs of SAM). ``micro_shards`` is static:
   under :func:`optax.inject_hyperparams` pass ``static_args="micro_shards"``.
 
-  Under ``jax.shard_map`` use ``check_vma=False`` (or make the parameters varying
-  over the axis): with replication checking, ``jax.grad`` of replicated parameters
-  returns gradients already summed over the devices, and per-device perturbations
-  silently become one global perturbation.
+  Under ``jax.shard_map`` with replication checking (the default ``check_vma=True``),
+  ``jax.grad`` of replicated parameters returns gradients already summed over the
+  devices, which would silently make the perturbation global. Take the clean
+  gradient with respect to ``jax.lax.pcast(params, axis_name, to="varying")`` to get
+  the local gradients (``grad_fn`` needs nothing: ``w + eps`` is already varying), or
+  use ``check_vma=False``.
 
   Gradient accumulation is mSAM with ``m`` = the micro-batch: put samx *before*
   :class:`optax.MultiSteps`, so every micro-step computes its own SAM gradient and

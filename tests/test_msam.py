@@ -250,3 +250,27 @@ def test_gradient_accumulation_is_msam_with_m_equal_to_the_micro_batch():
         assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
         assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), p, before))
   assert helpers.relative_error(p, expected) < 1e-5
+
+
+def test_shard_map_with_replication_checking_needs_varying_params_for_local_grads():
+  # check_vma=True: gradients w.r.t. replicated params come back summed over devices.
+  # Differentiating w.r.t. jax.lax.pcast(params, axis, to="varying") gives the local
+  # gradients that per-device eps needs; samx's final mean makes the update replicated.
+  params, batches = _setup()
+  expected = np_msam_run(params, batches, DEVICES)
+  mesh = jax.make_mesh((DEVICES,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  tx = samx.msam(optax.sgd(LR), rho=RHO, axis_name="d")
+
+  def step(params, state, batch):
+    local = jax.lax.pcast(params, "d", to="varying")
+    grads = jax.grad(helpers.loss_jax)(local, batch)
+    grad_fn = lambda p: jax.grad(helpers.loss_jax)(p, batch)
+    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state
+
+  with jax.set_mesh(mesh):
+    sharded = jax.jit(jax.shard_map(step, in_specs=(P(), P(), P("d")), out_specs=(P(), P())))
+    p, s = params, tx.init(params)
+    for batch in batches:
+      p, s = sharded(p, s, jax.device_put(batch, NamedSharding(mesh, P("d"))))
+  assert helpers.relative_error(p, expected) < 1e-5
