@@ -7,8 +7,8 @@ One ``update`` call is one training step::
                                  grad_fn=lambda p: jax.grad(loss_fn)(p, batch))
 """
 
-from samx import diagnostics, evaluation, masks, numerics
-from samx.aliases import asam, fsam, msam, random_sam, sam, vasso
+from samx import diagnostics, evaluation, masks, numerics, selective, sparse
+from samx.aliases import asam, fsam, msam, random_sam, sam, sam_on, ssam, vasso
 from samx.ascent import (
   ScaleBySAMState,
   radius_per_leaf,
@@ -32,14 +32,27 @@ from samx.evaluation import (
   perturbed_gradient,
 )
 from samx.flax_integration import apply_gradients, linen_grad_fn, nnx_grad_fn
-from samx.masks import weight_leaves
+from samx.masks import norm_layers, random_entries, weight_leaves
 from samx.pipeline import SharpnessAwareState, sharpness_aware
+from samx.selective import mask_perturbation, masked_ascent
+from samx.sparse import (
+  DynamicMaskState,
+  FisherMaskState,
+  dynamic_mask,
+  fisher_information,
+  fisher_mask,
+  n_m_mask,
+  structured_mask,
+  top_k_mask,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
   "Combination",
+  "DynamicMaskState",
   "FSAMDirectionState",
+  "FisherMaskState",
   "RandomDirectionState",
   "ScaleBySAMState",
   "SharpnessAwareState",
@@ -48,25 +61,39 @@ __all__ = [
   "asam",
   "axis_mean",
   "diagnostics",
+  "dynamic_mask",
   "evaluation",
+  "fisher_information",
+  "fisher_mask",
   "fsam",
   "fsam_direction",
   "gradient_at_perturbed",
   "linen_grad_fn",
+  "mask_perturbation",
+  "masked_ascent",
   "masks",
   "msam",
+  "n_m_mask",
   "nnx_grad_fn",
+  "norm_layers",
   "numerics",
   "per_example_losses",
   "perturbed_gradient",
   "radius_per_leaf",
   "random_direction",
+  "random_entries",
   "random_sam",
   "sam",
+  "sam_on",
   "scale_by_asam",
   "scale_by_sam",
   "scale_by_weight_magnitude",
+  "selective",
   "sharpness_aware",
+  "sparse",
+  "ssam",
+  "structured_mask",
+  "top_k_mask",
   "use_perturbed_gradient",
   "vasso",
   "vasso_direction",

@@ -12,8 +12,10 @@ from samx.directions import fsam, random_sam, vasso
 from samx.evaluation import micro_shard_evaluation
 from samx.masks import Mask
 from samx.pipeline import sharpness_aware
+from samx.selective import sam_on
+from samx.sparse import ssam
 
-__all__ = ["asam", "fsam", "msam", "random_sam", "sam", "vasso"]
+__all__ = ["asam", "fsam", "msam", "random_sam", "sam", "sam_on", "ssam", "vasso"]
 
 
 def sam(
