@@ -1,6 +1,6 @@
 """Speed of one jitted ``samx.sam`` step against a hand-written SAM step and plain SGD.
 
-Three step functions share one loss and one base optimizer
+The step functions share one loss and one base optimizer
 (``optax.sgd(lr, momentum=0.9)``); each maps ``(params, opt_state, batch)`` to
 ``(params, opt_state, loss)``:
 
@@ -8,6 +8,17 @@ Three step functions share one loss and one base optimizer
 * ``hand``: ``g = grad L(w)``; ``e = rho * g / (||g|| + 1e-12)``;
   ``g_s = grad L(w + e)``; the same optax update applied to ``g_s``.
 * ``samx``: ``g = grad L(w)``; ``samx.sam(sgd, rho).update(g, ..., grad_fn=...)``.
+
+and the efficient variants, timed next to SAM:
+
+* ``looksam``: ``looksam(sgd, rho, k=5)``, with ``grad_fn``; ``g_s`` is evaluated
+  on one step in five, so its time is an average over the ``--steps`` steps of a
+  sample (a multiple of ``k`` gives exactly one evaluation in five).
+* ``esam``: ``esam(sgd, rho, beta=0.5, gamma=0.5)`` through the per-example
+  contract (the first pass's per-example losses passed as ``losses``); one
+  random bit per weight and step (the paper's SWP).
+* ``esam_tensor``: the same with ``per_tensor=True`` (the official code's SWP:
+  one random bit per tensor).
 
 The steps are compiled ahead of time, ``--compile-repeats`` times each with
 JAX's caches cleared (the median compile times are printed); nothing is donated.
@@ -44,12 +55,16 @@ import numpy as np
 import optax
 
 import samx
+from samx import combine_variants, efficient
 
 LEARNING_RATE = 0.01
 MOMENTUM = 0.9
 RHO = 0.05
 NORM_EPS = 1e-12
-KINDS = ("sgd", "hand", "samx")
+KINDS = ("sgd", "hand", "samx", "looksam", "esam", "esam_tensor")
+VARIANTS = ("looksam", "esam", "esam_tensor")  # reported against sgd and samx
+LOOKSAM_K = 5
+ESAM_BETA = ESAM_GAMMA = 0.5
 
 # ---------------------------------------------------------------------------
 # Models: pure-jax MLP and CNN on 28x28x1 images, 10 classes.
@@ -120,23 +135,47 @@ MODELS = {
 DEFAULT_MODELS = ("mlp 784-512-512-10", "cnn conv32-conv64-dense")
 
 
-def make_loss(apply: Callable) -> Callable:
-  def loss_fn(params, batch):
+def make_per_example_loss(apply: Callable) -> Callable:
+  def per_example_loss_fn(params, batch):
     x, y = batch
     logits = apply(params, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+  return per_example_loss_fn
+
+
+def make_loss(apply: Callable) -> Callable:
+  per_example_loss_fn = make_per_example_loss(apply)
+
+  def loss_fn(params, batch):
+    return per_example_loss_fn(params, batch).mean()
 
   return loss_fn
 
 
 # ---------------------------------------------------------------------------
-# The three step functions: (params, opt_state, batch) -> (params, opt_state, loss).
+# The step functions: (params, opt_state, batch) -> (params, opt_state, loss).
 # ---------------------------------------------------------------------------
 
 
-def make_steps(loss_fn: Callable) -> dict[str, tuple[optax.GradientTransformation, Callable]]:
+def make_steps(
+  loss_fn: Callable, per_example_loss_fn: Callable
+) -> dict[str, tuple[optax.GradientTransformation, Callable]]:
   base = optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
   sam_tx = samx.sam(optax.sgd(LEARNING_RATE, momentum=MOMENTUM), rho=RHO)
+  looksam_tx = combine_variants.looksam(
+    optax.sgd(LEARNING_RATE, momentum=MOMENTUM), rho=RHO, k=LOOKSAM_K
+  )
+  esam_txs = {
+    kind: efficient.esam(
+      optax.sgd(LEARNING_RATE, momentum=MOMENTUM),
+      rho=RHO,
+      beta=ESAM_BETA,
+      gamma=ESAM_GAMMA,
+      per_tensor=kind == "esam_tensor",
+    )
+    for kind in ("esam", "esam_tensor")
+  }
 
   def sgd_step(params, opt_state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
@@ -158,7 +197,39 @@ def make_steps(loss_fn: Callable) -> dict[str, tuple[optax.GradientTransformatio
     )
     return optax.apply_updates(params, updates), opt_state, loss
 
-  return {"sgd": (base, sgd_step), "hand": (base, hand_step), "samx": (sam_tx, samx_step)}
+  def looksam_step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = looksam_tx.update(
+      grads, opt_state, params, grad_fn=lambda p: jax.grad(loss_fn)(p, batch)
+    )
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  def make_esam_step(tx):
+    def esam_step(params, opt_state, batch):
+      def mean_loss(p):
+        losses = per_example_loss_fn(p, batch)
+        return losses.mean(), losses
+
+      (loss, losses), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+      updates, opt_state = tx.update(
+        grads,
+        opt_state,
+        params,
+        per_example_loss_fn=per_example_loss_fn,
+        batch=batch,
+        losses=losses,
+      )
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    return esam_step
+
+  return {
+    "sgd": (base, sgd_step),
+    "hand": (base, hand_step),
+    "samx": (sam_tx, samx_step),
+    "looksam": (looksam_tx, looksam_step),
+    **{kind: (tx, make_esam_step(tx)) for kind, tx in esam_txs.items()},
+  }
 
 
 # ---------------------------------------------------------------------------
@@ -216,6 +287,11 @@ def ratio_stats(num: list[float], den: list[float], seed: int = 0) -> dict[str, 
 
 
 def summarize(per_step: dict[str, list[float]]) -> dict[str, Any]:
+  variants = {
+    f"{kind}_over_{ref}": ratio_stats(per_step[kind], per_step[ref])
+    for kind in VARIANTS
+    for ref in ("sgd", "samx")
+  }
   return {
     "median_ms": {k: 1e3 * statistics.median(v) for k, v in per_step.items()},
     "per_repeat_ms": {k: [1e3 * t for t in v] for k, v in per_step.items()},
@@ -225,6 +301,7 @@ def summarize(per_step: dict[str, list[float]]) -> dict[str, Any]:
     "samx_minus_hand_us": float(
       1e6 * np.median(np.asarray(per_step["samx"]) - np.asarray(per_step["hand"]))
     ),
+    **variants,
   }
 
 
@@ -239,6 +316,7 @@ def benchmark_model(
 ) -> dict[str, Any]:
   init, apply = MODELS[name]
   loss_fn = make_loss(apply)
+  per_example_loss_fn = make_per_example_loss(apply)
   kx, ky, kp = jax.random.split(jax.random.key(0), 3)
   batch = (
     jax.random.normal(kx, (batch_size, 28, 28, 1), jnp.float32),
@@ -247,7 +325,7 @@ def benchmark_model(
   params = init(kp)
   n_params = sum(x.size for x in jax.tree.leaves(params))
 
-  step_fns = make_steps(loss_fn)
+  step_fns = make_steps(loss_fn, per_example_loss_fn)
   states = {kind: tx.init(params) for kind, (tx, _) in step_fns.items()}
   compiled, lower_times, compile_times = {}, {k: [] for k in KINDS}, {k: [] for k in KINDS}
   for _ in range(compile_repeats):
@@ -327,6 +405,28 @@ def _iqr(stats: dict[str, float]) -> str:
   return f"{stats['median']:.3f} [{stats['q25']:.3f}, {stats['q75']:.3f}]"
 
 
+def print_variants(results: list[dict[str, Any]]) -> None:
+  header = (
+    f"{'model':<24} {'variant':<11} {'ms':>6} {'/SGD wall [IQR]':>22} "
+    f"{'/SAM wall [IQR]':>22} {'/SGD cpu':>8} {'/SAM cpu':>8}"
+  )
+  print(header)
+  print("-" * len(header))
+  for res in results:
+    for kind in VARIANTS:
+      wall, cpu = res["wall"], res["cpu"]
+      print(
+        f"{res['model']:<24} {kind:<11} {wall['median_ms'][kind]:>6.3g} "
+        f"{_iqr(wall[f'{kind}_over_sgd']):>22} {_iqr(wall[f'{kind}_over_samx']):>22} "
+        f"{cpu[f'{kind}_over_sgd']['median']:>8.3f} {cpu[f'{kind}_over_samx']['median']:>8.3f}"
+      )
+  print(
+    f"\nlooksam: k={LOOKSAM_K}, the time averaged over the steps of a sample; esam: "
+    f"beta={ESAM_BETA}, gamma={ESAM_GAMMA}, one mask bit per weight (esam) or per tensor\n"
+    "(esam_tensor). /SAM is over samx's SAM step, medians of per-repeat ratios.\n"
+  )
+
+
 def print_table(results: list[dict[str, Any]]) -> None:
   header = (
     f"{'model':<24} {'batch':>5} {'sgd ms':>7} {'hand ms':>7} {'samx ms':>7} "
@@ -349,6 +449,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
     "process (all threads), less sensitive to other jobs on a busy CPU machine. SAM/SGD is\n"
     "samx's SAM step over the SGD step.\n"
   )
+  print_variants(results)
   print("samx/hand: 95% bootstrap interval of the median; min/min = ratio of fastest samples")
   for res in results:
     for clock in ("wall", "cpu"):
@@ -410,6 +511,8 @@ def main(argv: list[str] | None = None) -> None:
     "python": platform.python_version(),
     "date": datetime.date.today().isoformat(),
   }
+  if steps % LOOKSAM_K:
+    print(f"note: --steps {steps} is not a multiple of k={LOOKSAM_K}: LookSAM's mean is biased")
   print(
     f"jax {machine['jax']} ({machine['backend']}), {machine['cpu']}, {machine['cores']} "
     f"cores; repeats={repeats}, steps/sample={steps}, batch={batch_size}, rho={RHO}, "
@@ -433,6 +536,9 @@ def main(argv: list[str] | None = None) -> None:
       "rho": RHO,
       "learning_rate": LEARNING_RATE,
       "momentum": MOMENTUM,
+      "looksam_k": LOOKSAM_K,
+      "esam_beta": ESAM_BETA,
+      "esam_gamma": ESAM_GAMMA,
     }
     with open(args.json, "w") as f:
       json.dump({"machine": machine, "settings": settings, "results": results}, f, indent=2)

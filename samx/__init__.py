@@ -8,7 +8,20 @@ One ``update`` call is one training step::
 """
 
 from samx import diagnostics, evaluation, masks, numerics, selective, sparse
-from samx.aliases import asam, fsam, msam, random_sam, sam, sam_on, ssam, vasso
+from samx.aliases import (
+  asam,
+  esam,
+  fsam,
+  gsam,
+  looksam,
+  msam,
+  random_sam,
+  sam,
+  sam_on,
+  ssam,
+  vasso,
+  wsam,
+)
 from samx.ascent import (
   ScaleBySAMState,
   radius_per_leaf,
@@ -17,6 +30,18 @@ from samx.ascent import (
   scale_by_weight_magnitude,
 )
 from samx.combination import Combination, use_perturbed_gradient
+from samx.combine_variants import (
+  DeferredPerturbation,
+  LookSAMState,
+  SharpnessDirection,
+  SharpnessStepState,
+  add_sharpness_step,
+  defer_ascent,
+  gsam_rho_schedule,
+  reuse_orthogonal_component,
+  surrogate_gap_guided,
+  weighted_sharpness,
+)
 from samx.directions import (
   FSAMDirectionState,
   RandomDirectionState,
@@ -24,6 +49,12 @@ from samx.directions import (
   fsam_direction,
   random_direction,
   vasso_direction,
+)
+from samx.efficient import (
+  BernoulliMaskState,
+  gradient_on_sharpest_examples,
+  scale_by_bernoulli_mask,
+  scale_by_swp,
 )
 from samx.evaluation import (
   axis_mean,
@@ -49,26 +80,38 @@ from samx.sparse import (
 __version__ = "0.1.0"
 
 __all__ = [
+  "BernoulliMaskState",
   "Combination",
+  "DeferredPerturbation",
   "DynamicMaskState",
   "FSAMDirectionState",
   "FisherMaskState",
+  "LookSAMState",
   "RandomDirectionState",
   "ScaleBySAMState",
   "SharpnessAwareState",
+  "SharpnessDirection",
+  "SharpnessStepState",
   "VaSSODirectionState",
+  "add_sharpness_step",
   "apply_gradients",
   "asam",
   "axis_mean",
+  "defer_ascent",
   "diagnostics",
   "dynamic_mask",
+  "esam",
   "evaluation",
   "fisher_information",
   "fisher_mask",
   "fsam",
   "fsam_direction",
   "gradient_at_perturbed",
+  "gradient_on_sharpest_examples",
+  "gsam",
+  "gsam_rho_schedule",
   "linen_grad_fn",
+  "looksam",
   "mask_perturbation",
   "masked_ascent",
   "masks",
@@ -83,19 +126,25 @@ __all__ = [
   "random_direction",
   "random_entries",
   "random_sam",
+  "reuse_orthogonal_component",
   "sam",
   "sam_on",
   "scale_by_asam",
+  "scale_by_bernoulli_mask",
   "scale_by_sam",
+  "scale_by_swp",
   "scale_by_weight_magnitude",
   "selective",
   "sharpness_aware",
   "sparse",
   "ssam",
   "structured_mask",
+  "surrogate_gap_guided",
   "top_k_mask",
   "use_perturbed_gradient",
   "vasso",
   "vasso_direction",
   "weight_leaves",
+  "weighted_sharpness",
+  "wsam",
 ]

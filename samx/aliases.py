@@ -8,14 +8,29 @@ import jax
 import optax
 
 from samx import ascent as ascent_blocks
+from samx.combine_variants import gsam, looksam, wsam
 from samx.directions import fsam, random_sam, vasso
+from samx.efficient import esam
 from samx.evaluation import micro_shard_evaluation
 from samx.masks import Mask
 from samx.pipeline import sharpness_aware
 from samx.selective import sam_on
 from samx.sparse import ssam
 
-__all__ = ["asam", "fsam", "msam", "random_sam", "sam", "sam_on", "ssam", "vasso"]
+__all__ = [
+  "asam",
+  "esam",
+  "fsam",
+  "gsam",
+  "looksam",
+  "msam",
+  "random_sam",
+  "sam",
+  "sam_on",
+  "ssam",
+  "vasso",
+  "wsam",
+]
 
 
 def sam(

@@ -31,7 +31,9 @@ parameters and keyword extra arguments. There are exactly two contracts:
    and ``per_example_loss_fn(params, batch) -> losses`` returns the ``(B,)``
    per-example losses on that batch (any sub-batch, too). The batch loss is their
    mean: the clean ``grads`` must be ``jax.grad`` of ``mean(losses)``.
-   :func:`per_example_losses` checks a call against the contract.
+   :func:`per_example_losses` checks a call against the contract. A step that
+   already has the clean per-example losses may pass them as ``losses=`` (ESAM's
+   data selection uses them instead of a forward pass).
 
 An evaluation is a function ``evaluation(params, perturbation, *, who,
 **extra_args) -> g_s``; the default is :func:`gradient_at_perturbed`.
@@ -60,7 +62,7 @@ __all__ = [
   "perturbed_gradient",
 ]
 
-CONTRACT_ARGS = ("grad_fn", "per_example_loss_fn", "batch")
+CONTRACT_ARGS = ("grad_fn", "per_example_loss_fn", "batch", "losses")
 """The extra arguments of the two contracts; samx does not pass them to the base optimizer."""
 
 Evaluation = Callable[..., Any]
