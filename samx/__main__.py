@@ -27,21 +27,34 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
   demo.add_demo_arguments(parser)
 
 
+def _demo_check(args: argparse.Namespace) -> None:
+  from samx import demo
+
+  demo.check_demo_arguments(args)
+
+
 def _demo_run(args: argparse.Namespace) -> int:
   from samx import demo
 
   return demo.run_command(args)
 
 
-# name -> (one-line help, add_arguments(parser), run(args) -> exit status)
+# name -> (one-line help, add_arguments(parser), check(args) raising ValueError for flags
+# that are invalid together (reported by argparse), run(args) -> exit status)
 _COMMANDS: dict[
   str,
-  tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]],
+  tuple[
+    str,
+    Callable[[argparse.ArgumentParser], None],
+    Callable[[argparse.Namespace], None],
+    Callable[[argparse.Namespace], int],
+  ],
 ] = {
   "demo": (
-    "SGD vs SAM vs ASAM (opt-in: mSAM m sweep) on digits with 40% label noise: "
-    "table, plot, JSON",
+    "SGD vs SAM vs ASAM (opt-in: mSAM m sweep, F-SAM, VaSSO, SSAM-F, SAM-ON with "
+    "--model ln-mlp) on digits with 40% label noise: table, plot, JSON",
     _demo_arguments,
+    _demo_check,
     _demo_run,
   ),
 }
@@ -55,11 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
     f"'{DEFAULT_COMMAND}'; 'samx SUBCOMMAND --help' lists its flags.",
   )
   sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
-  for name, (help_text, add_arguments, run) in _COMMANDS.items():
+  for name, (help_text, add_arguments, check, run) in _COMMANDS.items():
     command = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
     add_arguments(command)
-    command.set_defaults(run=run)
+    command.set_defaults(run=run, check=_checker(command, check))
   return parser
+
+
+def _checker(
+  command: argparse.ArgumentParser, check: Callable[[argparse.Namespace], None]
+) -> Callable[[argparse.Namespace], None]:
+  """``check``, with its ``ValueError`` reported as ``command``'s usage error (exit 2)."""
+
+  def run_check(args: argparse.Namespace) -> None:
+    try:
+      check(args)
+    except ValueError as err:
+      command.error(str(err))
+
+  return run_check
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not argv or (argv[0] not in _COMMANDS and argv[0] not in ("-h", "--help")):
     argv.insert(0, DEFAULT_COMMAND)
   args = build_parser().parse_args(argv)
+  args.check(args)
   return args.run(args)
 
 

@@ -1,4 +1,4 @@
-"""The main job: SGD vs SAM vs ASAM (and mSAM) on scikit-learn's digits with noisy labels.
+"""The main job: SGD vs SAM vs ASAM (and more) on scikit-learn's digits with noisy labels.
 
 ``python -m samx`` trains an MLP (64-256-256-10, ReLU, He-normal kernels, zero
 biases) on the digits data set that ships with scikit-learn (no download) and compares
@@ -27,6 +27,17 @@ plain SGD with :func:`samx.sam` and :func:`samx.asam` (and, on request, an m swe
   minibatch) and passes zero gradients, which micro-shard mSAM does not use, so a step
   costs the gradient FLOPs of SAM (plus one forward pass for the logged loss);
   ``m = batch_size`` is one shard, i.e. SAM, through the ``grad_fn`` contract.
+- **More variants (opt-in).** ``fsam`` (:func:`samx.fsam`, ``--rho-fsam``),
+  ``vasso`` (:func:`samx.vasso`, ``--rho-vasso``), ``ssam`` (:func:`samx.ssam`,
+  SSAM-F: an unstructured Fisher mask over 16 examples of the batch, refreshed
+  every 100 steps, ``--sparsity`` (default 0.5) of the entries not perturbed,
+  ``--rho-ssam``; the per-example contract with the clean batch gradient as
+  ``grads``) and ``sam_on`` (:func:`samx.sam_on`, only the LayerNorm scales and
+  biases perturbed, found by :func:`samx.masks.norm_layers`; ``--rho-sam-on``;
+  needs ``--model ln-mlp``).
+- **Model.** ``--model mlp`` (default) or ``ln-mlp``: the same MLP with a LayerNorm
+  (``{"scale", "bias"}`` per hidden layer, epsilon 1e-6) between each hidden Dense
+  and its ReLU.
 - **Seeds.** Seed ``s`` (``0 .. seeds - 1``) fixes the initialisation, the noise
   draw and the batch order, and every optimizer gets the same ones (paired runs).
   All seeds train at once under :func:`jax.vmap`; one epoch is one jitted
@@ -77,6 +88,37 @@ fixed rho, smaller m regularises more, and the radius where training breaks down
 falls with m: SAM's rho = 1 trains only at m = 64, so ``--rho-msam`` defaults to 0.1.
 Small m is slow on CPU (k perturbed copies of the weights; see
 ``benchmarks/SCALING.md``).
+
+The other variants were calibrated on ``--model ln-mlp`` (80 epochs, 2 seeds, final /
+best, same settings otherwise; SAM itself on ln-mlp: rho=1 0.420 / 0.567 (one seed
+still near chance at epoch 80), rho=0.5 0.904 / 0.953)::
+
+  SAM-ON rho=0.5 0.673 / 0.896    VaSSO rho=1    0.146 / 0.228 (near chance)
+  SAM-ON rho=1   0.693 / 0.920    VaSSO rho=0.5  0.905 / 0.952   <- default
+  SAM-ON rho=2   0.726 / 0.940    F-SAM rho=0.3  0.882 / 0.947 (40 epochs)
+    <- default                    F-SAM rho=1    0.922 / 0.928 (40 epochs) <- default
+  SAM-ON rho=3   0.587 / 0.662    SSAM-F rho=1   0.917 / 0.919 (40 epochs) <- default
+    (one seed stuck)
+  SAM-ON rho=10  0.095 / 0.112 (40 epochs, chance)
+
+``--model ln-mlp --variants sgd,sam,sam_on,ssam,fsam,vasso`` at the defaults (150
+epochs, 3 seeds; about 10 s per row on 2 CPU cores, SSAM-F about 270 s)::
+
+  optimizer              final           best
+  SGD                    0.683 ± 0.018   0.882 ± 0.015
+  SAM (rho=1)            0.919 ± 0.023   0.922 ± 0.024
+  SAM-ON (rho=2)         0.678 ± 0.010   0.940 ± 0.002
+  SSAM-F (rho=1, s=0.5)  0.933 ± 0.004   0.956 ± 0.005
+  F-SAM (rho=1)          0.938 ± 0.008   0.953 ± 0.004
+  VaSSO (rho=0.5)        0.733 ± 0.028   0.949 ± 0.004
+
+SAM-ON's radius covers only the 1,024 LayerNorm entries (about 1% of the 85k
+parameters), so it takes a larger radius than SAM's 0.5 on this model, though not the
+10x of the paper's ResNets: rho = 10 and 30 never leave chance. F-SAM removes the
+gradient's EMA from the ascent direction, which shortens it a lot and makes
+rho = 1 train at once. VaSSO's averaged direction behaves like SAM's (rho = 1 stalls).
+SSAM-F is slow here: under the seeds' ``vmap`` the refresh's ``lax.cond`` becomes a
+``select``, so the 16 per-example gradients of the Fisher sum run at every step.
 """
 
 from __future__ import annotations
@@ -96,17 +138,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from samx.aliases import asam, msam, sam
+from samx.aliases import asam, fsam, msam, sam, sam_on, ssam, vasso
+from samx.masks import norm_layers
 
 __all__ = [
   "DEFAULT_MSAM_M",
   "DEFAULT_RHO_ASAM",
+  "DEFAULT_RHO_FSAM",
   "DEFAULT_RHO_MSAM",
   "DEFAULT_RHO_SAM",
+  "DEFAULT_RHO_SAM_ON",
+  "DEFAULT_RHO_SSAM",
+  "DEFAULT_RHO_VASSO",
+  "DEFAULT_SPARSITY",
+  "MODELS",
   "VARIANTS",
   "DemoConfig",
   "Variant",
   "add_demo_arguments",
+  "check_config",
+  "check_demo_arguments",
   "config_from_args",
   "format_table",
   "init_mlp",
@@ -125,6 +176,15 @@ DEFAULT_RHO_SAM = 1.0
 DEFAULT_RHO_ASAM = 3.0
 DEFAULT_RHO_MSAM = 0.1  # the only radius of the sweep that trains at every m
 DEFAULT_MSAM_M = (64, 16, 4, 1)  # shard sizes of the mSAM sweep (batch 64: 1 to 64 shards)
+DEFAULT_RHO_FSAM = 1.0  # SAM's radius; trains (see the calibration in the module doc)
+DEFAULT_RHO_VASSO = 0.5  # rho = 1 sits near chance like SAM's on ln-mlp
+DEFAULT_RHO_SAM_ON = 2.0  # the largest stable radius tried (3 breaks one seed of two)
+DEFAULT_RHO_SSAM = 1.0
+DEFAULT_SPARSITY = 0.5
+SSAM_NUM_SAMPLES = 16  # examples of the batch in the Fisher sum (samx.ssam's default)
+SSAM_REFRESH_EVERY = 100  # steps between Fisher-mask refreshes (samx.ssam's default)
+MODELS = ("mlp", "ln-mlp")
+"""``mlp``: the ReLU MLP; ``ln-mlp``: the same with a LayerNorm after each hidden Dense."""
 ASAM_ETA = 0.01
 SPLIT_SEED = 0  # the train/test split is fixed, independent of --seeds
 
@@ -138,6 +198,12 @@ class DemoConfig:
     rho_sam: SAM's radius.
     rho_asam: ASAM's radius (with ``eta = 0.01``).
     rho_msam: mSAM's radius (the same for every ``m``).
+    rho_fsam: F-SAM's radius (``sigma=1``, ``decay=0.9``).
+    rho_vasso: VaSSO's radius (``theta=0.9``).
+    rho_sam_on: SAM-ON's radius (the norm-layer parameters only; ``model="ln-mlp"``).
+    rho_ssam: SSAM-F's radius.
+    sparsity: SSAM-F's sparsity, the fraction of the entries not perturbed.
+    model: ``"mlp"`` or ``"ln-mlp"`` (see :data:`MODELS`).
     msam_m: the shard sizes ``m`` of the ``msam`` variant, one row each; every ``m``
       must divide ``batch_size`` (``micro_shards = batch_size // m``).
     noise: the fraction of training labels replaced by a different class.
@@ -154,6 +220,12 @@ class DemoConfig:
   rho_asam: float = DEFAULT_RHO_ASAM
   rho_msam: float = DEFAULT_RHO_MSAM
   msam_m: tuple[int, ...] = DEFAULT_MSAM_M
+  rho_fsam: float = DEFAULT_RHO_FSAM
+  rho_vasso: float = DEFAULT_RHO_VASSO
+  rho_sam_on: float = DEFAULT_RHO_SAM_ON
+  rho_ssam: float = DEFAULT_RHO_SSAM
+  sparsity: float = DEFAULT_SPARSITY
+  model: str = "mlp"
   noise: float = 0.4
   epochs: int = 150
   seeds: int = 3
@@ -173,7 +245,9 @@ class Variant:
     rho: the radius, ``None`` for plain SGD.
     tx: the optax transformation.
     contract: how ``update`` is called: ``None`` (plain optax), ``"grad_fn"`` (the
-      samx contract) or ``"per_example"`` (``per_example_loss_fn`` and ``batch``).
+      samx contract), ``"per_example"`` (``per_example_loss_fn`` and ``batch``, zero
+      grads: micro-shard mSAM) or ``"per_example_grads"`` (the same with the clean
+      batch gradient as ``grads``: SSAM-F, whose ascent uses it).
     m: mSAM's shard size, ``None`` for the other optimizers.
   """
 
@@ -211,11 +285,47 @@ def _msam(config: DemoConfig) -> tuple[Variant, ...]:
   return tuple(rows)
 
 
+def _fsam(config: DemoConfig) -> tuple[Variant, ...]:
+  tx = fsam(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_fsam)
+  return (Variant("fsam", f"F-SAM (rho={config.rho_fsam:g})", config.rho_fsam, tx, "grad_fn"),)
+
+
+def _vasso(config: DemoConfig) -> tuple[Variant, ...]:
+  tx = vasso(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_vasso)
+  label = f"VaSSO (rho={config.rho_vasso:g})"
+  return (Variant("vasso", label, config.rho_vasso, tx, "grad_fn"),)
+
+
+def _sam_on(config: DemoConfig) -> tuple[Variant, ...]:
+  _check_sam_on_model(config.variants, config.model)
+  # The mask is the callable, applied to each seed's params inside the vmapped
+  # init/update (the batched leaves would be 2-D and not look like a norm layer).
+  tx = sam_on(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_sam_on, mask=norm_layers)
+  label = f"SAM-ON (rho={config.rho_sam_on:g})"
+  return (Variant("sam_on", label, config.rho_sam_on, tx, "grad_fn"),)
+
+
+def _ssam(config: DemoConfig) -> tuple[Variant, ...]:
+  tx = ssam(
+    optax.sgd(config.lr, momentum=MOMENTUM),
+    rho=config.rho_ssam,
+    sparsity=config.sparsity,
+    num_samples=SSAM_NUM_SAMPLES,
+    refresh_every=SSAM_REFRESH_EVERY,
+  )
+  label = f"SSAM-F (rho={config.rho_ssam:g}, s={config.sparsity:g})"
+  return (Variant("ssam", label, config.rho_ssam, tx, "per_example_grads"),)
+
+
 VARIANTS: dict[str, Callable[[DemoConfig], tuple[Variant, ...]]] = {
   "sgd": _sgd,
   "sam": _sam,
   "asam": _asam,
   "msam": _msam,
+  "fsam": _fsam,
+  "vasso": _vasso,
+  "sam_on": _sam_on,
+  "ssam": _ssam,
 }
 """The optimizers the demo knows, by ``--variants`` name; each gives one or more rows."""
 
@@ -227,6 +337,26 @@ def _check_msam_m(msam_m: Sequence[int], batch_size: int) -> None:
       f"msam_m (--msam-m) must be distinct shard sizes m >= 1 that divide the batch size "
       f"{batch_size}; got {tuple(msam_m)}"
     )
+
+
+def _check_sam_on_model(variants: Sequence[str], model: str) -> None:
+  if "sam_on" in variants and model != "ln-mlp":
+    raise ValueError(
+      "the sam_on variant perturbs only the normalization layers and needs a model "
+      f"that has some: use --model ln-mlp (got --model {model})"
+    )
+
+
+def check_config(config: DemoConfig) -> None:
+  """Raises ``ValueError`` for settings that are invalid together (flags that argparse
+  cannot check one at a time): mSAM shard sizes, SAM-ON without LayerNorm, sparsity."""
+  if config.model not in MODELS:
+    raise ValueError(f"model must be one of {MODELS}; got {config.model!r}")
+  if "msam" in config.variants:
+    _check_msam_m(config.msam_m, config.batch_size)
+  _check_sam_on_model(config.variants, config.model)
+  if not 0.0 <= config.sparsity < 1.0:
+    raise ValueError(f"sparsity (--sparsity) must be in [0, 1); got {config.sparsity}")
 
 
 # ---------------------------------------------------------------------------- data
@@ -289,28 +419,62 @@ def symmetric_label_noise(
 # ---------------------------------------------------------------------------- model
 
 
-def init_mlp(key: jax.Array, sizes: Sequence[int] = LAYER_SIZES) -> list[dict[str, jax.Array]]:
+def init_mlp(
+  key: jax.Array, sizes: Sequence[int] = LAYER_SIZES, *, layer_norm: bool = False
+) -> list[dict[str, Any]]:
   """He-normal kernels and zero biases for an MLP with the given layer sizes.
 
+  Args:
+    key: a PRNG key.
+    sizes: the layer widths, input first.
+    layer_norm: add a LayerNorm after each hidden Dense (the ``ln-mlp`` model).
+
   Returns:
-    A list of ``{"w": (fan_in, fan_out), "b": (fan_out,)}`` dicts, one per layer.
+    A list of ``{"w": (fan_in, fan_out), "b": (fan_out,)}`` dicts, one per layer;
+    with ``layer_norm`` the hidden layers also hold ``"norm": {"scale": ones,
+    "bias": zeros}`` of shape ``(fan_out,)``, the structure that
+    :func:`samx.masks.norm_layers` recognises.
+
+  >>> params = init_mlp(jax.random.key(0), (4, 3, 2), layer_norm=True)
+  >>> from samx.masks import selected_paths
+  >>> selected_paths(norm_layers, params)
+  ['0/norm/bias', '0/norm/scale']
   """
   keys = jax.random.split(key, len(sizes) - 1)
   init = jax.nn.initializers.he_normal()
-  return [
+  layers: list[dict[str, Any]] = [
     {"w": init(k, (m, n), jnp.float32), "b": jnp.zeros((n,), jnp.float32)}
     for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)
   ]
+  if layer_norm:
+    for layer in layers[:-1]:
+      b = layer["b"]
+      layer["norm"] = {"scale": jnp.ones_like(b), "bias": jnp.zeros_like(b)}
+  return layers
 
 
 def _dense(layer: dict[str, jax.Array], x: jax.Array) -> jax.Array:
   return x @ layer["w"] + jnp.expand_dims(layer["b"], range(x.ndim - 1))
 
 
-def mlp_apply(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
-  """The logits of the ReLU MLP for inputs ``x`` of shape ``(..., 64)``."""
+def _layer_norm(norm: dict[str, jax.Array], x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  mean = x.mean(axis=-1, keepdims=True)
+  var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
+  scale, bias = (jnp.expand_dims(norm[k], range(x.ndim - 1)) for k in ("scale", "bias"))
+  return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def mlp_apply(params: list[dict[str, Any]], x: jax.Array) -> jax.Array:
+  """The logits of the ReLU MLP for inputs ``x`` of shape ``(..., 64)``.
+
+  A hidden layer with a ``"norm"`` entry (``init_mlp(..., layer_norm=True)``) applies
+  a LayerNorm (epsilon 1e-6, as ``flax.linen.LayerNorm``) between its Dense and the ReLU.
+  """
   for layer in params[:-1]:
-    x = jax.nn.relu(_dense(layer, x))
+    h = _dense(layer, x)
+    if "norm" in layer:
+      h = _layer_norm(layer["norm"], h)
+    x = jax.nn.relu(h)
   return _dense(params[-1], x)
 
 
@@ -331,13 +495,13 @@ def _accuracy(params, x, y):
 # ---------------------------------------------------------------------------- training
 
 
-def _init_seeds(seeds: jax.Array, y_train: jax.Array, noise: float):
+def _init_seeds(seeds: jax.Array, y_train: jax.Array, noise: float, model: str = "mlp"):
   """Per seed: the MLP's parameters, the noisy training labels and the shuffle key."""
 
   def one(seed):
     key_init, key_noise, key_shuffle = jax.random.split(jax.random.key(seed), 3)
     y_noisy = symmetric_label_noise(key_noise, y_train, noise)
-    return init_mlp(key_init), y_noisy, key_shuffle
+    return init_mlp(key_init, layer_norm=model == "ln-mlp"), y_noisy, key_shuffle
 
   return jax.jit(jax.vmap(one))(seeds)
 
@@ -363,6 +527,12 @@ def _make_epoch(variant: Variant, batch_size: int, data):
       zeros = jax.tree.map(jnp.zeros_like, params)
       updates, opt_state = tx.update(
         zeros, opt_state, params, per_example_loss_fn=_per_example_loss, batch=(x, y)
+      )
+    elif variant.contract == "per_example_grads":
+      # SSAM-F: the Fisher mask needs the examples, the ascent the clean gradient.
+      loss, grads = jax.value_and_grad(_loss)(params, x, y)
+      updates, opt_state = tx.update(
+        grads, opt_state, params, per_example_loss_fn=_per_example_loss, batch=(x, y)
       )
     elif variant.contract == "grad_fn":
       loss, grads = jax.value_and_grad(_loss)(params, x, y)
@@ -428,12 +598,11 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     raise ValueError(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
   if config.epochs < 1 or config.seeds < 1:
     raise ValueError("epochs and seeds must be >= 1")
-  if "msam" in config.variants:
-    _check_msam_m(config.msam_m, config.batch_size)
+  check_config(config)
   start = time.perf_counter()
   rows = [v for name in config.variants for v in VARIANTS[name](config)]
   data = load_digits_split()
-  init = _init_seeds(jnp.arange(config.seeds), jnp.asarray(data[1]), config.noise)
+  init = _init_seeds(jnp.arange(config.seeds), jnp.asarray(data[1]), config.noise, config.model)
   bar = None
   if config.progress:
     from tqdm.auto import tqdm
@@ -471,6 +640,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
       "num_test": int(data[2].shape[0]),
       "num_flipped": round(config.noise * data[0].shape[0]),
       "layer_sizes": list(LAYER_SIZES),
+      "layer_norm": config.model == "ln-mlp",
       "steps_per_epoch": data[0].shape[0] // config.batch_size,
     },
     "results": results,
@@ -499,8 +669,9 @@ def _plot(results: dict[str, Any], config: DemoConfig, path: Path) -> None:
     ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.25)
   ax.set_xlabel("epoch")
   ax.set_ylabel("clean test accuracy")
+  model = "MLP 64-256-256-10" + (" + LayerNorm" if config.model == "ln-mlp" else "")
   ax.set_title(
-    f"digits, MLP 64-256-256-10, {config.noise:.0%} symmetric label noise "
+    f"digits, {model}, {config.noise:.0%} symmetric label noise "
     f"(mean ± std, {config.seeds} seed{'s' if config.seeds > 1 else ''})",
     fontsize=10,
   )
@@ -605,6 +776,43 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     f"micro_shards = batch_size // m ({','.join(map(str, d.msam_m))})",
   )
   parser.add_argument(
+    "--model",
+    choices=MODELS,
+    default=d.model,
+    help="mlp, or ln-mlp: a LayerNorm after each hidden Dense (needed by sam_on) (%(default)s)",
+  )
+  parser.add_argument(
+    "--rho-fsam",
+    type=_nonnegative_float,
+    default=d.rho_fsam,
+    help="F-SAM radius, sigma=1, decay=0.9 (%(default)s)",
+  )
+  parser.add_argument(
+    "--rho-vasso",
+    type=_nonnegative_float,
+    default=d.rho_vasso,
+    help="VaSSO radius, theta=0.9 (%(default)s)",
+  )
+  parser.add_argument(
+    "--rho-sam-on",
+    type=_nonnegative_float,
+    default=d.rho_sam_on,
+    help="SAM-ON radius, LayerNorm scales and biases only; needs --model ln-mlp (%(default)s)",
+  )
+  parser.add_argument(
+    "--rho-ssam",
+    type=_nonnegative_float,
+    default=d.rho_ssam,
+    help="SSAM-F radius (%(default)s)",
+  )
+  parser.add_argument(
+    "--sparsity",
+    type=_fraction,
+    default=d.sparsity,
+    help="SSAM-F: fraction of the entries not perturbed, unstructured Fisher mask, "
+    "in [0, 1) (%(default)s)",
+  )
+  parser.add_argument(
     "--noise",
     type=_fraction,
     default=d.noise,
@@ -627,6 +835,16 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     action="store_false",
     help="no progress bar (the table is still printed)",
   )
+
+
+def check_demo_arguments(args: argparse.Namespace) -> None:
+  """Raises ``ValueError`` for flags that are invalid together, for ``parser.error``:
+  ``--variants ...,sam_on`` without ``--model ln-mlp``, ``--sparsity 1``. (mSAM's
+  ``--msam-m`` is checked by :func:`run_command`, exit status 2.)"""
+  variants = getattr(args, "variants", ())
+  _check_sam_on_model(variants, getattr(args, "model", "mlp"))
+  if "ssam" in variants and getattr(args, "sparsity", 0.0) >= 1.0:
+    raise ValueError(f"--sparsity must be < 1 (got {args.sparsity})")
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:

@@ -107,6 +107,69 @@ def test_tiny_run_writes_plot_and_json(tmp_path, capsys):
   assert report["results"]["sgd"]["final"]["mean"] > 0.5
 
 
+def test_tiny_run_ln_mlp_with_sam_on_ssam_fsam_vasso(tmp_path, capsys):
+  epochs, seeds = 2, 2
+  argv = ["--epochs", str(epochs), "--seeds", str(seeds), "--out", str(tmp_path), "--quiet"]
+  argv += ["--model", "ln-mlp", "--variants", "sam_on,ssam,fsam,vasso"]
+  assert cli.main(argv) == 0
+
+  table = capsys.readouterr().out
+  for label in ["SAM-ON (rho=", "SSAM-F (rho=", "F-SAM (rho=", "VaSSO (rho="]:
+    assert label in table
+  report = json.loads((tmp_path / "results.json").read_text())
+  assert report["config"]["model"] == "ln-mlp" and report["data"]["layer_norm"]
+  assert report["config"]["sparsity"] == demo.DEFAULT_SPARSITY
+  results = report["results"]
+  assert list(results) == ["sam_on", "ssam", "fsam", "vasso"]
+  expected_rho = {
+    "sam_on": demo.DEFAULT_RHO_SAM_ON,
+    "ssam": demo.DEFAULT_RHO_SSAM,
+    "fsam": demo.DEFAULT_RHO_FSAM,
+    "vasso": demo.DEFAULT_RHO_VASSO,
+  }
+  for key, entry in results.items():
+    assert entry["rho"] == expected_rho[key]
+    acc = np.asarray(entry["test_accuracy"])
+    loss = np.asarray(entry["train_loss"])
+    assert acc.shape == loss.shape == (seeds, epochs)
+    assert np.isfinite(loss).all() and ((0.0 <= acc) & (acc <= 1.0)).all()
+    # The logged loss is the clean batch loss; large radii lift it early on.
+    assert 1.0 < loss[0, 0] < 10.0
+    np.testing.assert_allclose(entry["final"]["per_seed"], acc[:, -1])
+  # Four different ascents: four different trajectories from the same start.
+  losses = [results[k]["train_loss"] for k in results]
+  assert all(a != b for i, a in enumerate(losses) for b in losses[i + 1 :])
+
+
+def test_ln_mlp_params_expose_norm_layers_by_structure():
+  from samx.masks import selected_paths
+
+  sizes = (64, 8, 8, demo.NUM_CLASSES)
+  params = demo.init_mlp(jax.random.key(0), sizes, layer_norm=True)
+  assert selected_paths(demo.norm_layers, params) == [
+    "0/norm/bias",
+    "0/norm/scale",
+    "1/norm/bias",
+    "1/norm/scale",
+  ]
+  with pytest.raises(ValueError, match="no normalization layer"):
+    selected_paths(demo.norm_layers, demo.init_mlp(jax.random.key(0), sizes))
+  logits = demo.mlp_apply(params, jnp.ones((5, 64)))
+  assert logits.shape == (5, demo.NUM_CLASSES) and bool(jnp.isfinite(logits).all())
+
+
+def test_sam_on_needs_ln_mlp(tmp_path, capsys):
+  argv = ["--variants", "sgd,sam_on", "--out", str(tmp_path), "--quiet"]
+  with pytest.raises(SystemExit) as exc:
+    cli.main(argv)
+  assert exc.value.code == 2
+  err = capsys.readouterr().err
+  assert "error" in err and "--model ln-mlp" in err
+  assert not (tmp_path / "results.json").exists()
+  with pytest.raises(ValueError, match="--model ln-mlp"):
+    demo.run_demo(demo.DemoConfig(variants=("sam_on",), out=str(tmp_path), progress=False))
+
+
 def test_msam_rows_from_the_config():
   config = demo.DemoConfig(variants=("msam",), msam_m=(64, 16, 1), rho_msam=0.25)
   rows = demo.VARIANTS["msam"](config)
@@ -136,6 +199,16 @@ def test_parser_demo_subcommand_and_flags():
   config = demo.config_from_args(args)
   assert config.variants == ("sgd", "msam") and config.msam_m == (64, 16, 4, 1)
   assert config.rho_msam == 0.1
+  config = demo.config_from_args(cli.build_parser().parse_args(["demo"]))
+  assert config.model == "mlp" and config.variants == ("sgd", "sam", "asam")
+  args = cli.build_parser().parse_args(
+    ["demo", "--model", "ln-mlp", "--variants", "sam_on,ssam", "--rho-sam-on", "5"]
+    + ["--sparsity", "0.8", "--rho-ssam", "0.5", "--rho-fsam", "0.2", "--rho-vasso", "0.3"]
+  )
+  config = demo.config_from_args(args)
+  assert config.model == "ln-mlp" and config.variants == ("sam_on", "ssam")
+  assert (config.rho_sam_on, config.sparsity, config.rho_ssam) == (5.0, 0.8, 0.5)
+  assert (config.rho_fsam, config.rho_vasso) == (0.2, 0.3)
 
 
 def test_msam_m_must_divide_the_batch_size(tmp_path, capsys):
@@ -156,6 +229,11 @@ def test_msam_m_must_divide_the_batch_size(tmp_path, capsys):
     ["--msam-m", "0"],
     ["--msam-m", "4,4"],
     ["--msam-m", "a"],
+    ["--model", "cnn"],
+    ["--rho-fsam", "-1"],
+    ["--rho-sam-on", "nan"],
+    ["--sparsity", "1.5"],
+    ["--variants", "ssam", "--sparsity", "1"],
   ],
 )
 def test_parser_rejects_bad_flags(argv, capsys):
