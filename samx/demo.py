@@ -203,6 +203,9 @@ class DemoConfig:
     rho_sam_on: SAM-ON's radius (the norm-layer parameters only; ``model="ln-mlp"``).
     rho_ssam: SSAM-F's radius.
     sparsity: SSAM-F's sparsity, the fraction of the entries not perturbed.
+    ssam_kinds: the SSAM rows: ``fisher`` (unstructured Fisher), ``structured``
+      (whole leaves by mean Fisher), ``2:4`` (N:M along the input dimension; sets its
+      own density), ``dynamic`` (dynamic sparse mask).
     model: ``"mlp"`` or ``"ln-mlp"`` (see :data:`MODELS`).
     msam_m: the shard sizes ``m`` of the ``msam`` variant, one row each; every ``m``
       must divide ``batch_size`` (``micro_shards = batch_size // m``).
@@ -225,6 +228,7 @@ class DemoConfig:
   rho_sam_on: float = DEFAULT_RHO_SAM_ON
   rho_ssam: float = DEFAULT_RHO_SSAM
   sparsity: float = DEFAULT_SPARSITY
+  ssam_kinds: tuple[str, ...] = ("fisher",)
   model: str = "mlp"
   noise: float = 0.4
   epochs: int = 150
@@ -306,15 +310,34 @@ def _sam_on(config: DemoConfig) -> tuple[Variant, ...]:
 
 
 def _ssam(config: DemoConfig) -> tuple[Variant, ...]:
-  tx = ssam(
-    optax.sgd(config.lr, momentum=MOMENTUM),
-    rho=config.rho_ssam,
-    sparsity=config.sparsity,
-    num_samples=SSAM_NUM_SAMPLES,
-    refresh_every=SSAM_REFRESH_EVERY,
-  )
-  label = f"SSAM-F (rho={config.rho_ssam:g}, s={config.sparsity:g})"
-  return (Variant("ssam", label, config.rho_ssam, tx, "per_example_grads"),)
+  rows = []
+  for kind in config.ssam_kinds:
+    mask_type, pattern = _SSAM_KINDS[kind]
+    n_m = ":" in pattern
+    tx = ssam(
+      optax.sgd(config.lr, momentum=MOMENTUM),
+      rho=config.rho_ssam,
+      sparsity=None if n_m else config.sparsity,
+      mask_type=mask_type,
+      pattern=pattern,
+      num_samples=SSAM_NUM_SAMPLES,
+      refresh_every=SSAM_REFRESH_EVERY,
+    )
+    tag = "F" if mask_type == "fisher" else "D"
+    detail = pattern if n_m else f"{pattern}, s={config.sparsity:g}"
+    label = f"SSAM-{tag} (rho={config.rho_ssam:g}, {detail})"
+    key = "ssam" if kind == "fisher" else f"ssam_{kind.replace(':', '_')}"
+    rows.append(Variant(key, label, config.rho_ssam, tx, "per_example_grads"))
+  return tuple(rows)
+
+
+# --ssam-kinds names: (mask_type, pattern). "fisher" is unstructured Fisher (SSAM-F).
+_SSAM_KINDS = {
+  "fisher": ("fisher", "unstructured"),
+  "structured": ("fisher", "structured"),
+  "2:4": ("fisher", "2:4"),
+  "dynamic": ("dynamic", "unstructured"),
+}
 
 
 VARIANTS: dict[str, Callable[[DemoConfig], tuple[Variant, ...]]] = {
@@ -743,6 +766,16 @@ def _variant_list(text: str) -> tuple[str, ...]:
   return names
 
 
+def _ssam_kind_list(text: str) -> tuple[str, ...]:
+  kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+  unknown = [k for k in kinds if k not in _SSAM_KINDS]
+  if not kinds or unknown:
+    raise argparse.ArgumentTypeError(
+      f"--ssam-kinds: unknown {unknown or text!r}; choose from {', '.join(_SSAM_KINDS)}"
+    )
+  return kinds
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
   """Adds the demo's flags (one per :class:`DemoConfig` field) to ``parser``."""
   d = DemoConfig()
@@ -811,6 +844,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     default=d.sparsity,
     help="SSAM-F: fraction of the entries not perturbed, unstructured Fisher mask, "
     "in [0, 1) (%(default)s)",
+  )
+  parser.add_argument(
+    "--ssam-kinds",
+    type=_ssam_kind_list,
+    default=d.ssam_kinds,
+    help="comma-separated SSAM rows from fisher,structured,2:4,dynamic (%(default)s)",
   )
   parser.add_argument(
     "--noise",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 
@@ -240,3 +241,17 @@ def test_parser_rejects_bad_flags(argv, capsys):
   with pytest.raises(SystemExit):
     cli.main(argv)
   assert "error" in capsys.readouterr().err
+
+
+def test_ssam_kinds_give_one_row_each():
+  config = demo.DemoConfig(
+    model="ln-mlp", variants=("ssam",), ssam_kinds=("fisher", "structured", "2:4", "dynamic")
+  )
+  rows = demo.VARIANTS["ssam"](config)
+  assert [r.key for r in rows] == ["ssam", "ssam_structured", "ssam_2_4", "ssam_dynamic"]
+  assert rows[2].label == "SSAM-F (rho=1, 2:4)" and rows[3].label.startswith("SSAM-D")
+  parser = argparse.ArgumentParser()
+  demo.add_demo_arguments(parser)
+  assert parser.parse_args(["--ssam-kinds", "2:4,dynamic"]).ssam_kinds == ("2:4", "dynamic")
+  with pytest.raises(SystemExit):
+    parser.parse_args(["--ssam-kinds", "3:4"])
