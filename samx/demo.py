@@ -138,7 +138,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from samx.aliases import asam, fsam, msam, sam, sam_on, ssam, vasso
+from samx.aliases import (
+  asam,
+  esam,
+  fsam,
+  gsam,
+  looksam,
+  msam,
+  sam,
+  sam_on,
+  ssam,
+  vasso,
+  wsam,
+)
 from samx.masks import norm_layers
 
 __all__ = [
@@ -294,6 +306,31 @@ def _fsam(config: DemoConfig) -> tuple[Variant, ...]:
   return (Variant("fsam", f"F-SAM (rho={config.rho_fsam:g})", config.rho_fsam, tx, "grad_fn"),)
 
 
+def _gsam(config: DemoConfig) -> tuple[Variant, ...]:
+  tx = gsam(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_sam, alpha=0.4)
+  label = f"GSAM (rho={config.rho_sam:g}, alpha=0.4)"
+  return (Variant("gsam", label, config.rho_sam, tx, "grad_fn"),)
+
+
+def _wsam(config: DemoConfig) -> tuple[Variant, ...]:
+  base = optax.sgd(config.lr, momentum=MOMENTUM)
+  tx = wsam(base, rho=config.rho_sam, gamma=0.9, learning_rate=config.lr)
+  label = f"WSAM (rho={config.rho_sam:g}, gamma=0.9, decoupled)"
+  return (Variant("wsam", label, config.rho_sam, tx, "grad_fn"),)
+
+
+def _looksam(config: DemoConfig) -> tuple[Variant, ...]:
+  tx = looksam(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_sam, k=5, alpha=0.7)
+  label = f"LookSAM (rho={config.rho_sam:g}, k=5)"
+  return (Variant("looksam", label, config.rho_sam, tx, "grad_fn"),)
+
+
+def _esam(config: DemoConfig) -> tuple[Variant, ...]:
+  tx = esam(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_sam, beta=0.5, gamma=0.5)
+  label = f"ESAM (rho={config.rho_sam:g}, beta=gamma=0.5)"
+  return (Variant("esam", label, config.rho_sam, tx, "per_example_grads"),)
+
+
 def _vasso(config: DemoConfig) -> tuple[Variant, ...]:
   tx = vasso(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_vasso)
   label = f"VaSSO (rho={config.rho_vasso:g})"
@@ -347,6 +384,10 @@ VARIANTS: dict[str, Callable[[DemoConfig], tuple[Variant, ...]]] = {
   "msam": _msam,
   "fsam": _fsam,
   "vasso": _vasso,
+  "gsam": _gsam,
+  "wsam": _wsam,
+  "looksam": _looksam,
+  "esam": _esam,
   "sam_on": _sam_on,
   "ssam": _ssam,
 }

@@ -9,6 +9,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from samx import __main__ as cli
@@ -255,3 +256,25 @@ def test_ssam_kinds_give_one_row_each():
   assert parser.parse_args(["--ssam-kinds", "2:4,dynamic"]).ssam_kinds == ("2:4", "dynamic")
   with pytest.raises(SystemExit):
     parser.parse_args(["--ssam-kinds", "3:4"])
+
+
+@pytest.mark.parametrize("name", ["gsam", "wsam", "looksam", "esam"])
+def test_combination_and_efficient_variants_take_one_step(name):
+  config = demo.DemoConfig(variants=(name,))
+  (variant,) = demo.VARIANTS[name](config)
+  params = demo.init_mlp(jax.random.key(0))
+  x, y, _, _ = demo.load_digits_split()
+  x, y = jnp.asarray(x[:8]), jnp.asarray(y[:8])
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+    demo.mlp_apply(p, x), y
+  ).mean()
+  per_example = lambda p, b: optax.softmax_cross_entropy_with_integer_labels(
+    demo.mlp_apply(p, b[0]), b[1]
+  )
+  extra = {"grad_fn": jax.grad(loss)}
+  if variant.contract == "per_example_grads":
+    extra = {"per_example_loss_fn": per_example, "batch": (x, y)}
+  updates, _ = variant.tx.update(
+    jax.grad(loss)(params), variant.tx.init(params), params, **extra
+  )
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
