@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from samx import checks, numerics
-from samx.ascent import scale_by_sam
+from samx.ascent import Ball, scale_by_sam
 from samx.combination import Combination
 from samx.evaluation import Evaluation, axis_mean, gradient_at_perturbed
 from samx.pipeline import sharpness_aware
@@ -221,6 +221,7 @@ def gsam(
   *,
   minimize_fp: bool = True,
   eps: float = 1e-12,
+  ball: Ball = "l2",
   axis_name: str | None = None,
   sync_ascent: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -254,6 +255,7 @@ def gsam(
     minimize_fp: minimise the perturbed loss (``True``, the paper's GSAM) or the
       clean loss (``False``) together with the surrogate gap.
     eps: the stabiliser in the normalisations, > 0.
+    ball: ``"l2"`` or ``"linf"`` (:math:`\epsilon = \rho\,\mathrm{sign}(g)`), the ascent's ball.
     axis_name: the data-parallel axis under ``pmap`` / ``shard_map``.
     sync_ascent: average ``g`` over ``axis_name`` before the ascent.
 
@@ -275,7 +277,7 @@ def gsam(
   """
   return sharpness_aware(
     optimizer,
-    scale_by_sam(rho, eps=eps),
+    scale_by_sam(rho, eps=eps, ball=ball),
     combination=surrogate_gap_guided(
       alpha, minimize_fp=minimize_fp, eps=eps, axis_name=None if sync_ascent else axis_name
     ),
@@ -469,6 +471,7 @@ def wsam(
   decouple: bool = True,
   learning_rate: optax.ScalarOrSchedule | None = None,
   eps: float = 1e-12,
+  ball: Ball = "l2",
   axis_name: str | None = None,
   sync_ascent: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -506,6 +509,7 @@ def wsam(
     learning_rate: decoupled only: :math:`\eta_t`, a number or schedule, or
       ``None`` to read it from an injected base optimizer.
     eps: the stabiliser in the normalisation, > 0.
+    ball: ``"l2"`` or ``"linf"`` (:math:`\epsilon = \rho\,\mathrm{sign}(g)`), the ascent's ball.
     axis_name: the data-parallel axis under ``pmap`` / ``shard_map``.
     sync_ascent: average ``g`` over ``axis_name`` before the ascent.
 
@@ -537,7 +541,7 @@ def wsam(
     )
   return sharpness_aware(
     optimizer,
-    scale_by_sam(rho, eps=eps),
+    scale_by_sam(rho, eps=eps, ball=ball),
     combination=combination,
     axis_name=axis_name,
     sync_ascent=sync_ascent,
@@ -737,6 +741,7 @@ def looksam(
   alpha: Any = 0.7,
   *,
   eps: float = 1e-12,
+  ball: Ball = "l2",
   axis_name: str | None = None,
   sync_ascent: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -770,6 +775,7 @@ def looksam(
     k: steps between evaluations of ``g_s``, an integer >= 1.
     alpha: :math:`\alpha` >= 0, the weight of the reused component.
     eps: the stabiliser in the normalisations, > 0.
+    ball: ``"l2"`` or ``"linf"`` (:math:`\epsilon = \rho\,\mathrm{sign}(g)`), the ascent's ball.
     axis_name: the data-parallel axis under ``pmap`` / ``shard_map``.
     sync_ascent: average ``g`` over ``axis_name`` before the ascent.
 
@@ -796,7 +802,7 @@ def looksam(
   """
   # The ascent is deferred into the evaluation, so the steps that skip g_s skip
   # computing eps too.
-  ascent, evaluation = defer_ascent(scale_by_sam(rho, eps=eps))
+  ascent, evaluation = defer_ascent(scale_by_sam(rho, eps=eps, ball=ball))
   return sharpness_aware(
     optimizer,
     ascent,

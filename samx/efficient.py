@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from samx import checks, numerics
-from samx.ascent import scale_by_sam
+from samx.ascent import Ball, scale_by_sam
 from samx.evaluation import Evaluation, batch_size, per_example_losses
 from samx.pipeline import sharpness_aware
 
@@ -154,6 +154,7 @@ def scale_by_swp(
   per_tensor: bool = False,
   norm_scope: NormScope = "all",
   eps: float = 1e-12,
+  ball: Ball = "l2",
 ) -> optax.GradientTransformation:
   r"""ESAM's stochastic weight perturbation: SAM's ascent on a random subset of weights.
 
@@ -176,6 +177,7 @@ def scale_by_swp(
     norm_scope: ``"all"`` (:math:`\|g\|`, the paper's form) or ``"selected"``
       (:math:`\|m\odot g\|`).
     eps: the stabiliser in the normalisation, > 0.
+    ball: ``"l2"`` or ``"linf"`` (:math:`\epsilon = \rho\,\mathrm{sign}(g)`), the ascent's ball.
 
   Returns:
     An :class:`optax.GradientTransformation` mapping ``g`` to ``eps``.
@@ -193,11 +195,12 @@ def scale_by_swp(
     raise ValueError(f"norm_scope must be one of {_NORM_SCOPES}; got {norm_scope=!r}")
   if norm_scope == "all":
     return optax.chain(
-      scale_by_sam(rho, eps=eps), scale_by_bernoulli_mask(beta, key=key, per_tensor=per_tensor)
+      scale_by_sam(rho, eps=eps, ball=ball),
+      scale_by_bernoulli_mask(beta, key=key, per_tensor=per_tensor),
     )
   return optax.chain(
     scale_by_bernoulli_mask(beta, key=key, per_tensor=per_tensor, rescale=False),
-    scale_by_sam(rho, eps=eps),
+    scale_by_sam(rho, eps=eps, ball=ball),
     _scale_by_inverse(beta),
   )
 
@@ -307,6 +310,7 @@ def esam(
   per_tensor: bool = False,
   norm_scope: NormScope = "all",
   eps: float = 1e-12,
+  ball: Ball = "l2",
   axis_name: str | None = None,
   sync_ascent: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -348,6 +352,7 @@ def esam(
       single weights (the paper's description).
     norm_scope: ``"all"`` (:math:`\|g\|`) or ``"selected"`` (:math:`\|m\odot g\|`).
     eps: the stabiliser in the normalisation, > 0.
+    ball: ``"l2"`` or ``"linf"`` (:math:`\epsilon = \rho\,\mathrm{sign}(g)`), the ascent's ball.
     axis_name: the data-parallel axis under ``pmap`` / ``shard_map``; each device
       selects among its own examples.
     sync_ascent: average ``g`` over ``axis_name`` before the ascent.
@@ -372,7 +377,9 @@ def esam(
   """
   return sharpness_aware(
     optimizer,
-    scale_by_swp(rho, beta, key=key, per_tensor=per_tensor, norm_scope=norm_scope, eps=eps),
+    scale_by_swp(
+      rho, beta, key=key, per_tensor=per_tensor, norm_scope=norm_scope, eps=eps, ball=ball
+    ),
     evaluation=gradient_on_sharpest_examples(gamma),
     axis_name=axis_name,
     sync_ascent=sync_ascent,
