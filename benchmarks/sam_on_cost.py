@@ -44,14 +44,19 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+from common import cpu_model as _cpu_model  # noqa: E402
 
 import samx
 from samx import masks, selective
@@ -377,17 +382,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
       json.dump({"machine": machine, "settings": settings, "results": results}, f, indent=2)
     print(f"\nsaved {args.json}")
   return results
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

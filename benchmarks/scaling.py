@@ -54,8 +54,10 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -64,6 +66,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+from common import cpu_model  # noqa: E402
 
 import samx
 from samx.evaluation import micro_shard_evaluation
@@ -428,17 +433,6 @@ def bench_micro_shards(
 # ---------------------------------------------------------------------------
 # Reporting.
 # ---------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def _iqr(s: dict[str, float]) -> str:

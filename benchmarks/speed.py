@@ -45,14 +45,19 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+from common import cpu_model  # noqa: E402
 
 import samx
 from samx import combine_variants, efficient
@@ -388,17 +393,6 @@ def benchmark_model(
 # ---------------------------------------------------------------------------
 # Reporting.
 # ---------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def _iqr(stats: dict[str, float]) -> str:

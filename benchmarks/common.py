@@ -1,0 +1,17 @@
+"""Helpers shared by the benchmark scripts (imported next to them, not part of samx)."""
+
+from __future__ import annotations
+
+import platform
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo, or what ``platform`` knows."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
