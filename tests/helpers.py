@@ -37,6 +37,14 @@ def loss_jax(params, batch):
   return 0.5 * jnp.mean(jnp.sum(r**2, axis=-1))
 
 
+def per_example_loss(params, batch):
+  """The per-example losses whose mean is ``loss_jax`` (the second contract)."""
+  x, y = batch
+  h = jnp.tanh(x @ params["W1"] + params["b1"][None, :])
+  r = h @ params["W2"] - y
+  return 0.5 * jnp.sum(r**2, axis=-1)
+
+
 def grad_numpy(params, batch):
   """The hand-derived float64 gradient of ``loss_jax``."""
   x, y = batch

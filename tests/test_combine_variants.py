@@ -404,9 +404,7 @@ CONFORMANCE_CHECKS = [
 @pytest.fixture
 def registered(monkeypatch):
   """Adds this file's variants to the conformance suite's tables for one test."""
-  for name, case in {**OPTIMIZERS, **MORE_OPTIMIZERS}.items():
-    monkeypatch.setitem(conformance.OPTIMIZERS, name, case)
-    monkeypatch.setitem(conformance.ALL, name, case)
+  conformance.register(monkeypatch, optimizers={**OPTIMIZERS, **MORE_OPTIMIZERS})
 
 
 @pytest.mark.parametrize(

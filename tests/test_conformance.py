@@ -7,6 +7,7 @@ called with ``grad_fn``) or ``BLOCKS`` (ascent blocks, plain transformations).
 from __future__ import annotations
 
 import inspect
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,26 @@ def _problem(dtype=jnp.float32):
   return helpers.to_jax(params, dtype), helpers.to_jax(batch, dtype)
 
 
+# Optimizers called with the per-example contract instead of grad_fn.
+PER_EXAMPLE: set[str] = set()
+
+
+def register(monkeypatch, *, optimizers=(), blocks=(), per_example=()):
+  """Adds another test file's cases to these tables for one test (via ``monkeypatch``).
+
+  ``optimizers`` and ``blocks`` are dicts like ``OPTIMIZERS`` and ``BLOCKS``;
+  ``per_example`` names the optimizers that take ``per_example_loss_fn`` and ``batch``.
+  """
+  for table, cases in ((OPTIMIZERS, optimizers), (BLOCKS, blocks)):
+    for name, case in dict(cases).items():
+      monkeypatch.setitem(table, name, case)
+      monkeypatch.setitem(ALL, name, case)
+  monkeypatch.setattr(sys.modules[__name__], "PER_EXAMPLE", PER_EXAMPLE | set(per_example))
+
+
 def _update_kwargs(name, params, batch):
+  if name in PER_EXAMPLE:
+    return {"per_example_loss_fn": helpers.per_example_loss, "batch": batch}
   if name in OPTIMIZERS:
     return {"grad_fn": lambda p: jax.grad(helpers.loss_jax)(p, batch)}
   return {}

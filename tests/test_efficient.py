@@ -24,12 +24,7 @@ def _f32(tree):
   return helpers.to_jax(tree, jnp.float32)
 
 
-def per_example_loss(params, batch):
-  """The per-example losses whose mean is helpers.loss_jax."""
-  x, y = batch
-  h = jnp.tanh(x @ params["W1"] + params["b1"][None, :])
-  r = h @ params["W2"] - y
-  return 0.5 * jnp.sum(r**2, axis=-1)
+per_example_loss = helpers.per_example_loss
 
 
 def np_per_example_loss(params, batch):
@@ -355,20 +350,9 @@ BLOCKS = {
 @pytest.fixture
 def registered(monkeypatch):
   """Adds ESAM to the conformance suite's tables, with the per-example contract."""
-  for name, case in OPTIMIZERS.items():
-    monkeypatch.setitem(conformance.OPTIMIZERS, name, case)
-    monkeypatch.setitem(conformance.ALL, name, case)
-  for name, case in BLOCKS.items():
-    monkeypatch.setitem(conformance.BLOCKS, name, case)
-    monkeypatch.setitem(conformance.ALL, name, case)
-  grad_fn_kwargs = conformance._update_kwargs
-
-  def update_kwargs(name, params, batch):
-    if name in OPTIMIZERS:
-      return {"per_example_loss_fn": per_example_loss, "batch": batch}
-    return grad_fn_kwargs(name, params, batch)
-
-  monkeypatch.setattr(conformance, "_update_kwargs", update_kwargs)
+  conformance.register(
+    monkeypatch, optimizers=OPTIMIZERS, blocks=BLOCKS, per_example=OPTIMIZERS
+  )
 
 
 @pytest.mark.parametrize(

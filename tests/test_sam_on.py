@@ -443,9 +443,7 @@ CONFORMANCE = {
 
 @pytest.fixture
 def registered(monkeypatch):
-  for name, case in CONFORMANCE.items():
-    monkeypatch.setitem(conformance.OPTIMIZERS, name, case)
-    monkeypatch.setitem(conformance.ALL, name, case)
+  conformance.register(monkeypatch, optimizers=CONFORMANCE)
 
 
 CHECKS = [

@@ -21,11 +21,7 @@ LR, MOMENTUM, RHO = 0.1, 0.9, 0.05
 KEYS = ("W1", "W2", "b1")  # jax.tree.leaves order of the helpers' params
 
 
-def per_example_loss(params, batch):
-  """The helpers' loss per example: mean over examples of this is helpers.loss_jax."""
-  x, y = batch
-  h = jnp.tanh(x @ params["W1"] + params["b1"][None, :])
-  return 0.5 * jnp.sum((h @ params["W2"] - y) ** 2, axis=-1)
+per_example_loss = helpers.per_example_loss
 
 
 def np_fisher(params, batch, num_samples):
@@ -612,17 +608,7 @@ CONFORMANCE = {
 
 @pytest.fixture
 def registered(monkeypatch):
-  for name, case in CONFORMANCE.items():
-    monkeypatch.setitem(conformance.OPTIMIZERS, name, case)
-    monkeypatch.setitem(conformance.ALL, name, case)
-  plain_kwargs = conformance._update_kwargs
-
-  def update_kwargs(name, params, batch):
-    if name == "ssam_fisher":  # the second contract only
-      return {"per_example_loss_fn": per_example_loss, "batch": batch}
-    return plain_kwargs(name, params, batch)
-
-  monkeypatch.setattr(conformance, "_update_kwargs", update_kwargs)
+  conformance.register(monkeypatch, optimizers=CONFORMANCE, per_example=("ssam_fisher",))
 
 
 CHECKS = [
