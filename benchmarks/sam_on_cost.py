@@ -57,6 +57,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 from common import cpu_model as _cpu_model  # noqa: E402
+from common import median_iqr, ratio_stats, time_loop  # noqa: E402
 
 import samx
 from samx import masks, selective
@@ -218,31 +219,6 @@ def product_count(hlo_text: str) -> int:
   return len(re.findall(r"\b(?:dot|convolution)\(", hlo_text))
 
 
-def time_loop(compiled, params, opt_state, batch, steps: int) -> tuple[float, float]:
-  """(wall-clock s, process CPU s) per step over ``steps`` consecutive steps."""
-  jax.block_until_ready((params, opt_state))
-  c0, t0 = time.process_time(), time.perf_counter()
-  for _ in range(steps):
-    params, opt_state, loss = compiled(params, opt_state, batch)
-  jax.block_until_ready((params, opt_state, loss))
-  return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
-
-
-def ratio_stats(num: list[float], den: list[float], seed: int = 0) -> dict[str, Any]:
-  """Median, quartiles and a 95% bootstrap interval of the per-repeat ratios num/den."""
-  ratios = np.asarray(num) / np.asarray(den)
-  q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
-  boot = np.median(np.random.default_rng(seed).choice(ratios, (2000, ratios.size)), axis=1)
-  lo, hi = np.percentile(boot, [2.5, 97.5])
-  return {
-    "median": float(q2),
-    "q25": float(q1),
-    "q75": float(q3),
-    "median_ci95": [float(lo), float(hi)],
-    "ratio_of_minima": float(min(num) / min(den)),
-  }
-
-
 RATIOS = (("sam_on", "sam"), ("hand_on", "sam"), ("random", "sam"), ("sam_on", "hand_on"))
 
 
@@ -309,10 +285,6 @@ def benchmark_model(name: str, batch_size: int, repeats: int, steps: int, warmup
 # ---------------------------------------------------------------------------
 
 
-def _cell(stats: dict[str, float]) -> str:
-  return f"{stats['median']:.3f} [{stats['q25']:.3f}, {stats['q75']:.3f}]"
-
-
 def print_table(results: list[dict[str, Any]]) -> None:
   for clock in ("wall", "cpu"):
     print(f"\n{clock}: median ms per step, and ratios median [25%, 75%] over repeats")
@@ -323,7 +295,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
     for res in results:
       ms = res[clock]["median_ms"]
       line = f"{res['model']:<28} " + " ".join(f"{ms[k]:>8.3g}" for k in KINDS)
-      line += "".join(f" {_cell(res[clock][f'{a}_over_{b}']):>24}" for a, b in RATIOS)
+      line += "".join(f" {median_iqr(res[clock][f'{a}_over_{b}']):>24}" for a, b in RATIOS)
       print(line)
   print("\n95% bootstrap interval of the median sam_on/sam; dot+convolution instructions:")
   for res in results:

@@ -57,7 +57,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
-from common import cpu_model  # noqa: E402
+from common import cpu_model, median_iqr, ratio_stats, time_loop  # noqa: E402
 
 import samx
 from samx import combine_variants, efficient
@@ -259,38 +259,6 @@ def compile_step(step: Callable, args: tuple) -> tuple[Any, float, float]:
   return compiled, t1 - t0, t2 - t1
 
 
-def time_loop(compiled, params, opt_state, batch, steps: int) -> tuple[float, float]:
-  """Seconds per step of ``steps`` consecutive steps from (params, opt_state).
-
-  Returns (wall-clock seconds, CPU seconds of this process summed over all its
-  threads), both per step.
-  """
-  jax.block_until_ready((params, opt_state))
-  c0, t0 = time.process_time(), time.perf_counter()
-  for _ in range(steps):
-    params, opt_state, loss = compiled(params, opt_state, batch)
-  jax.block_until_ready((params, opt_state, loss))
-  return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
-
-
-def ratio_stats(num: list[float], den: list[float], seed: int = 0) -> dict[str, Any]:
-  """Median, quartiles and a 95% bootstrap interval of the per-repeat ratios num/den."""
-  ratios = np.asarray(num) / np.asarray(den)
-  q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
-  rng = np.random.default_rng(seed)
-  boot = np.median(rng.choice(ratios, (2000, ratios.size)), axis=1)
-  lo, hi = np.percentile(boot, [2.5, 97.5])
-  return {
-    "median": float(q2),
-    "q25": float(q1),
-    "q75": float(q3),
-    "median_ci95": [float(lo), float(hi)],
-    # Noise only ever adds time, so the ratio of the fastest samples is a second,
-    # independent estimate of the same quantity.
-    "ratio_of_minima": float(min(num) / min(den)),
-  }
-
-
 def summarize(per_step: dict[str, list[float]]) -> dict[str, Any]:
   variants = {
     f"{kind}_over_{ref}": ratio_stats(per_step[kind], per_step[ref])
@@ -395,10 +363,6 @@ def benchmark_model(
 # ---------------------------------------------------------------------------
 
 
-def _iqr(stats: dict[str, float]) -> str:
-  return f"{stats['median']:.3f} [{stats['q25']:.3f}, {stats['q75']:.3f}]"
-
-
 def print_variants(results: list[dict[str, Any]]) -> None:
   header = (
     f"{'model':<24} {'variant':<11} {'ms':>6} {'/SGD wall [IQR]':>22} "
@@ -411,7 +375,8 @@ def print_variants(results: list[dict[str, Any]]) -> None:
       wall, cpu = res["wall"], res["cpu"]
       print(
         f"{res['model']:<24} {kind:<11} {wall['median_ms'][kind]:>6.3g} "
-        f"{_iqr(wall[f'{kind}_over_sgd']):>22} {_iqr(wall[f'{kind}_over_samx']):>22} "
+        f"{median_iqr(wall[f'{kind}_over_sgd']):>22} "
+        f"{median_iqr(wall[f'{kind}_over_samx']):>22} "
         f"{cpu[f'{kind}_over_sgd']['median']:>8.3f} {cpu[f'{kind}_over_samx']['median']:>8.3f}"
       )
   print(
@@ -433,8 +398,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
     ms, wall, cpu = res["wall"]["median_ms"], res["wall"], res["cpu"]
     print(
       f"{res['model']:<24} {res['batch_size']:>5} {ms['sgd']:>7.3g} {ms['hand']:>7.3g} "
-      f"{ms['samx']:>7.3g} {_iqr(wall['samx_over_hand']):>22} "
-      f"{_iqr(cpu['samx_over_hand']):>22} {wall['samx_over_sgd']['median']:>7.3f} "
+      f"{ms['samx']:>7.3g} {median_iqr(wall['samx_over_hand']):>22} "
+      f"{median_iqr(cpu['samx_over_hand']):>22} {wall['samx_over_sgd']['median']:>7.3f} "
       f"{cpu['samx_over_sgd']['median']:>6.3f}"
     )
   print(
