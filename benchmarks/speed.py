@@ -1,40 +1,44 @@
-"""Speed of one jitted ``samx.sam`` step against a hand-written SAM step and plain SGD.
+"""Step time, peak memory and compile time of every samx variant against three references.
 
-The step functions share one loss and one base optimizer
-(``optax.sgd(lr, momentum=0.9)``); each maps ``(params, opt_state, batch)`` to
-``(params, opt_state, loss)``:
+The references are an SGD step, a hand-written SAM step and ``optax.contrib.sam``.
+
+Every step maps ``((params, rest), opt_state, batch)`` to the same triple with the
+loss, on a Flax NNX model split into pure functions (``benchmarks/models.py``;
+``rest`` holds BatchNorm's running statistics, updated from the clean pass). The
+base optimizer is ``optax.sgd(lr, momentum=0.9)`` everywhere. The reference steps:
 
 * ``sgd``:  ``g = grad L(w)``; the optax update.
 * ``hand``: ``g = grad L(w)``; ``e = rho * g / (||g|| + 1e-12)``;
   ``g_s = grad L(w + e)``; the same optax update applied to ``g_s``.
-* ``samx``: ``g = grad L(w)``; ``samx.sam(sgd, rho).update(g, ..., grad_fn=...)``.
+* ``optax_sam``: ``optax.contrib.sam`` in opaque mode (``sync_period=2``, its
+  adversarial optimizer ``chain(normalize(), sgd(rho))``), the same algorithm.
 
-and the efficient variants, timed next to SAM:
+and one step per samx variant (``VARIANTS``), each through its documented call
+contract (``grad_fn``; ``per_example_loss_fn`` and ``batch`` for SSAM-F, ESAM and
+micro-shard mSAM). Timed steps start from the state after one step (so SSAM's
+mask refresh, every 100 steps, and LookSAM's phase are at their steady state);
+LookSAM's time is the average over the ``--steps`` steps of a sample (use a
+multiple of ``k``).
 
-* ``looksam``: ``looksam(sgd, rho, k=5)``, with ``grad_fn``; ``g_s`` is evaluated
-  on one step in five, so its time is an average over the ``--steps`` steps of a
-  sample (a multiple of ``k`` gives exactly one evaluation in five).
-* ``esam``: ``esam(sgd, rho, beta=0.5, gamma=0.5)`` through the per-example
-  contract (the first pass's per-example losses passed as ``losses``); one
-  random bit per weight and step (the paper's SWP).
-* ``esam_tensor``: the same with ``per_tensor=True`` (the official code's SWP:
-  one random bit per tensor).
+Measured, in one process:
 
-The steps are compiled ahead of time, ``--compile-repeats`` times each with
-JAX's caches cleared (the median compile times are printed); nothing is donated.
-In every repeat each step kind runs ``--steps`` consecutive steps from the same
-start, the kinds in an order rotated from one repeat to the next (round robin),
-so that machine noise hits all kinds alike. The reported ratios are medians (and
-interquartile ranges) of the per-repeat ratios, which are robust to a busy
-machine. Each sample records wall-clock time and the CPU time of this process
-(all threads); on the CPU backend the latter is even less sensitive to other
-jobs, elsewhere only the wall-clock numbers mean anything.
+* time: the steps are compiled ahead of time; in every repeat each kind runs
+  ``--steps`` consecutive steps, the kinds in an order rotated from one repeat to
+  the next, so machine noise hits all kinds alike. Ratios are medians (and
+  interquartile ranges) of per-repeat ratios. Wall-clock time and, on the CPU
+  backend, the CPU time of this process (less sensitive to other jobs).
+* peak memory: XLA's own accounting of the compiled step
+  (``compiled.memory_analysis()``: arguments + outputs + temporaries - aliased;
+  nothing is donated), and the temporaries alone; the extra over SGD is given in
+  units of the parameters' bytes (SAM needs one extra copy: ``w + eps``).
+* compile time: lowering + compilation, with JAX's caches cleared.
 
 Run from the repository root::
 
-  python benchmarks/speed.py                 # the default settings
-  python benchmarks/speed.py --quick         # a short smoke run
-  python benchmarks/speed.py --json out.json --dump-hlo /tmp/hlo
+  python benchmarks/speed.py --quick            # a short smoke run (tiny models)
+  python benchmarks/speed.py                    # CPU defaults: mlp, resnet-small, vit-mini
+  python benchmarks/speed.py --preset gpu       # resnet18 and vit-s at batch 256
+  python benchmarks/speed.py --models mlp --variants sam,looksam --json out.json
 """
 
 from __future__ import annotations
@@ -51,202 +55,158 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, models.py
+import models  # noqa: E402
 from common import cpu_model, median_iqr, ratio_stats, time_loop  # noqa: E402
 
 import samx
-from samx import combine_variants, efficient
 
 LEARNING_RATE = 0.01
 MOMENTUM = 0.9
 RHO = 0.05
 NORM_EPS = 1e-12
-KINDS = ("sgd", "hand", "samx", "looksam", "esam", "esam_tensor")
-VARIANTS = ("looksam", "esam", "esam_tensor")  # reported against sgd and samx
+REFERENCES = ("sgd", "hand", "optax_sam")
 LOOKSAM_K = 5
-ESAM_BETA = ESAM_GAMMA = 0.5
-
-# ---------------------------------------------------------------------------
-# Models: pure-jax MLP and CNN on 28x28x1 images, 10 classes.
-# ---------------------------------------------------------------------------
+MSAM_SHARDS = 4
 
 
-def _dense_init(key: jax.Array, n_in: int, n_out: int) -> dict[str, jax.Array]:
-  return {
-    "w": jax.random.normal(key, (n_in, n_out), jnp.float32) * np.sqrt(2.0 / n_in),
-    "b": jnp.zeros((n_out,), jnp.float32),
-  }
+def _sgd() -> optax.GradientTransformation:
+  return optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
 
 
-def _conv_init(key: jax.Array, c_in: int, c_out: int, k: int = 3) -> dict[str, jax.Array]:
-  fan_in = c_in * k * k
-  return {
-    "w": jax.random.normal(key, (k, k, c_in, c_out), jnp.float32) * np.sqrt(2.0 / fan_in),
-    "b": jnp.zeros((c_out,), jnp.float32),
-  }
+def _sam_on(model: models.Model) -> Any:
+  """SAM-ON on the model's normalization layers; None for a model without any."""
+  try:
+    mask = samx.masks.norm_layers(model.module)
+  except ValueError:
+    return None
+  return samx.sam_on(_sgd(), rho=0.5, mask=mask)
 
 
-def mlp_init(key: jax.Array, sizes=(784, 512, 512, 10)) -> list[dict[str, jax.Array]]:
-  keys = jax.random.split(key, len(sizes) - 1)
-  return [_dense_init(k, a, b) for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)]
-
-
-def mlp_apply(params, x: jax.Array) -> jax.Array:
-  h = x.reshape(x.shape[0], -1)
-  for layer in params[:-1]:
-    h = jax.nn.relu(h @ layer["w"] + layer["b"])
-  return h @ params[-1]["w"] + params[-1]["b"]
-
-
-def cnn_init(key: jax.Array) -> dict[str, Any]:
-  k1, k2, k3 = jax.random.split(key, 3)
-  return {
-    "conv1": _conv_init(k1, 1, 32),  # 28x28x1 -> 14x14x32 (stride 2)
-    "conv2": _conv_init(k2, 32, 64),  # 14x14x32 -> 7x7x64 (stride 2)
-    "dense": _dense_init(k3, 7 * 7 * 64, 10),
-  }
-
-
-def _conv(x: jax.Array, layer, stride: int) -> jax.Array:
-  y = jax.lax.conv_general_dilated(
-    x,
-    layer["w"],
-    window_strides=(stride, stride),
-    padding="SAME",
-    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-  )
-  return jax.nn.relu(y + layer["b"])
-
-
-def cnn_apply(params, x: jax.Array) -> jax.Array:
-  h = _conv(x, params["conv1"], 2)
-  h = _conv(h, params["conv2"], 2)
-  h = h.reshape(h.shape[0], -1)
-  return h @ params["dense"]["w"] + params["dense"]["b"]
-
-
-MODELS = {
-  "mlp 784-512-512-10": (mlp_init, mlp_apply),
-  "cnn conv32-conv64-dense": (cnn_init, cnn_apply),
-  # Not run by default: a step of a few tens of microseconds, where the fixed
-  # per-step cost of the optimizer (extra state leaves, scalar kernels) shows.
-  "tiny-mlp 784-8-10": (lambda key: mlp_init(key, (784, 8, 10)), mlp_apply),
+# name -> (factory(model) -> transform, contract). contract "grad_fn" or "per_example";
+# the factory returns None where the variant does not apply to the model.
+VARIANTS: dict[str, tuple[Callable[[models.Model], Any], str]] = {
+  "sam": (lambda m: samx.sam(_sgd(), rho=RHO), "grad_fn"),
+  "asam": (lambda m: samx.asam(_sgd(), rho=0.5), "grad_fn"),
+  "msam_k4": (lambda m: samx.msam(_sgd(), rho=RHO, micro_shards=MSAM_SHARDS), "micro"),
+  "fsam": (lambda m: samx.fsam(_sgd(), rho=RHO), "grad_fn"),
+  "vasso": (lambda m: samx.vasso(_sgd(), rho=RHO), "grad_fn"),
+  "random_sam": (lambda m: samx.random_sam(_sgd(), rho=RHO), "grad_fn"),
+  "sam_on": (lambda m: _sam_on(m), "grad_fn"),
+  "ssam_f": (lambda m: samx.ssam(_sgd(), rho=RHO, sparsity=0.5), "per_example"),
+  "ssam_d": (
+    lambda m: samx.ssam(_sgd(), rho=RHO, sparsity=0.5, mask_type="dynamic"),
+    "grad_fn",
+  ),
+  "gsam": (lambda m: samx.gsam(_sgd(), rho=RHO, alpha=0.4), "grad_fn"),
+  "wsam": (lambda m: samx.wsam(_sgd(), rho=RHO, learning_rate=LEARNING_RATE), "grad_fn"),
+  "looksam": (lambda m: samx.looksam(_sgd(), rho=RHO, k=LOOKSAM_K), "grad_fn"),
+  "esam": (lambda m: samx.esam(_sgd(), rho=RHO, beta=0.5, gamma=0.5), "per_example"),
+  "esam_tensor": (
+    lambda m: samx.esam(_sgd(), rho=RHO, beta=0.5, gamma=0.5, per_tensor=True),
+    "per_example",
+  ),
 }
-DEFAULT_MODELS = ("mlp 784-512-512-10", "cnn conv32-conv64-dense")
 
-
-def make_per_example_loss(apply: Callable) -> Callable:
-  def per_example_loss_fn(params, batch):
-    x, y = batch
-    logits = apply(params, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
-
-  return per_example_loss_fn
-
-
-def make_loss(apply: Callable) -> Callable:
-  per_example_loss_fn = make_per_example_loss(apply)
-
-  def loss_fn(params, batch):
-    return per_example_loss_fn(params, batch).mean()
-
-  return loss_fn
-
+PRESETS = {
+  "quick": {"models": ("tiny-mlp", "resnet-tiny", "vit-tiny"), "batch_size": 16},
+  "cpu": {"models": ("mlp", "resnet-small", "vit-mini"), "batch_size": 128},
+  "gpu": {"models": ("mlp", "resnet18", "vit-s"), "batch_size": 256},
+}
+TIMING = {  # preset -> (repeats, steps per sample, warmup rounds)
+  "quick": (4, 5, 1),
+  "cpu": (15, 10, 1),
+  "gpu": (20, 10, 2),
+}
 
 # ---------------------------------------------------------------------------
-# The step functions: (params, opt_state, batch) -> (params, opt_state, loss).
+# The step functions: ((params, rest), opt_state, batch) -> (same, opt_state, loss).
 # ---------------------------------------------------------------------------
 
 
-def make_steps(
-  loss_fn: Callable, per_example_loss_fn: Callable
-) -> dict[str, tuple[optax.GradientTransformation, Callable]]:
-  base = optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
-  sam_tx = samx.sam(optax.sgd(LEARNING_RATE, momentum=MOMENTUM), rho=RHO)
-  looksam_tx = combine_variants.looksam(
-    optax.sgd(LEARNING_RATE, momentum=MOMENTUM), rho=RHO, k=LOOKSAM_K
-  )
-  esam_txs = {
-    kind: efficient.esam(
-      optax.sgd(LEARNING_RATE, momentum=MOMENTUM),
-      rho=RHO,
-      beta=ESAM_BETA,
-      gamma=ESAM_GAMMA,
-      per_tensor=kind == "esam_tensor",
-    )
-    for kind in ("esam", "esam_tensor")
-  }
+def make_steps(model: models.Model, kinds: list[str]) -> dict[str, tuple[Any, Callable]]:
+  per_example = model.per_example
 
-  def sgd_step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = base.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  def clean(params, rest, batch):
+    def mean_loss(p):
+      losses, new_rest = per_example(p, rest, batch)
+      return losses.mean(), (losses, new_rest)
 
-  def hand_step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    (loss, (losses, new_rest)), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+    grad_fn = jax.grad(lambda p: per_example(p, rest, batch)[0].mean())
+    return loss, losses, new_rest, grads, grad_fn
+
+  def optax_step(tx):
+    def step(variables, opt_state, batch):
+      params, rest = variables
+      loss, _, new_rest, grads, _ = clean(params, rest, batch)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), new_rest), opt_state, loss
+
+    return step
+
+  def hand_step(variables, opt_state, batch):
+    params, rest = variables
+    loss, _, new_rest, grads, grad_fn = clean(params, rest, batch)
     scale = RHO / (optax.tree.norm(grads) + NORM_EPS)
-    perturbed = jax.tree.map(lambda w, g: w + scale * g, params, grads)
-    sam_grads = jax.grad(loss_fn)(perturbed, batch)
+    sam_grads = grad_fn(jax.tree.map(lambda w, g: w + scale * g, params, grads))
     updates, opt_state = base.update(sam_grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return (optax.apply_updates(params, updates), new_rest), opt_state, loss
 
-  def samx_step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = sam_tx.update(
-      grads, opt_state, params, grad_fn=lambda p: jax.grad(loss_fn)(p, batch)
+  def contrib_step(variables, opt_state, batch):
+    params, rest = variables
+    loss, _, new_rest, grads, grad_fn = clean(params, rest, batch)
+    updates, opt_state = contrib.update(
+      grads, opt_state, params, grad_fn=lambda p, _: grad_fn(p)
     )
-    return optax.apply_updates(params, updates), opt_state, loss
+    return (optax.apply_updates(params, updates), new_rest), opt_state, loss
 
-  def looksam_step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = looksam_tx.update(
-      grads, opt_state, params, grad_fn=lambda p: jax.grad(loss_fn)(p, batch)
-    )
-    return optax.apply_updates(params, updates), opt_state, loss
+  def samx_step(tx, contract):
+    def step(variables, opt_state, batch):
+      params, rest = variables
+      pe = lambda p, b: per_example(p, rest, b)[0]
+      if contract == "micro":
+        # Each micro-shard's clean gradient is computed by samx: no clean pass here
+        # (the step costs SAM's FLOPs); the loss is not reported.
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        updates, opt_state = tx.update(
+          zeros, opt_state, params, per_example_loss_fn=pe, batch=batch
+        )
+        return (optax.apply_updates(params, updates), rest), opt_state, jnp.zeros(())
+      loss, losses, new_rest, grads, grad_fn = clean(params, rest, batch)
+      if contract == "per_example":
+        extra = {"per_example_loss_fn": pe, "batch": batch, "losses": losses}
+      else:
+        extra = {"grad_fn": grad_fn}
+      updates, opt_state = tx.update(grads, opt_state, params, **extra)
+      return (optax.apply_updates(params, updates), new_rest), opt_state, loss
 
-  def make_esam_step(tx):
-    def esam_step(params, opt_state, batch):
-      def mean_loss(p):
-        losses = per_example_loss_fn(p, batch)
-        return losses.mean(), losses
+    return step
 
-      (loss, losses), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
-      updates, opt_state = tx.update(
-        grads,
-        opt_state,
-        params,
-        per_example_loss_fn=per_example_loss_fn,
-        batch=batch,
-        losses=losses,
-      )
-      return optax.apply_updates(params, updates), opt_state, loss
-
-    return esam_step
-
-  return {
-    "sgd": (base, sgd_step),
-    "hand": (base, hand_step),
-    "samx": (sam_tx, samx_step),
-    "looksam": (looksam_tx, looksam_step),
-    **{kind: (tx, make_esam_step(tx)) for kind, tx in esam_txs.items()},
-  }
+  base = _sgd()
+  contrib = optax.contrib.sam(
+    _sgd(), optax.chain(optax.contrib.normalize(), optax.sgd(RHO)), opaque_mode=True
+  )
+  steps = {"sgd": (base, optax_step(base)), "hand": (base, hand_step)}
+  steps["optax_sam"] = (contrib, contrib_step)
+  for kind in kinds:
+    if kind in REFERENCES:
+      continue
+    factory, contract = VARIANTS[kind]
+    tx = factory(model)
+    if tx is not None:
+      steps[kind] = (tx, samx_step(tx, contract))
+  return steps
 
 
 # ---------------------------------------------------------------------------
-# Timing.
+# Measuring.
 # ---------------------------------------------------------------------------
-
-
-def entry_instruction_count(hlo_text: str) -> int:
-  """Instructions in the ENTRY computation of an optimized HLO module (fusions count once)."""
-  entry = hlo_text[hlo_text.index("\nENTRY") :]
-  body = entry[: entry.index("\n}")]
-  return sum(1 for line in body.splitlines()[1:] if " = " in line)
 
 
 def compile_step(step: Callable, args: tuple) -> tuple[Any, float, float]:
@@ -259,102 +219,114 @@ def compile_step(step: Callable, args: tuple) -> tuple[Any, float, float]:
   return compiled, t1 - t0, t2 - t1
 
 
-def summarize(per_step: dict[str, list[float]]) -> dict[str, Any]:
-  variants = {
-    f"{kind}_over_{ref}": ratio_stats(per_step[kind], per_step[ref])
-    for kind in VARIANTS
-    for ref in ("sgd", "samx")
-  }
+def memory(compiled: Any) -> dict[str, int] | None:
+  """XLA's memory accounting of a compiled step, in bytes (None where unavailable)."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 (backends without the analysis)
+    return None
+  if stats is None:
+    return None
+  args, out = stats.argument_size_in_bytes, stats.output_size_in_bytes
+  temp, alias = stats.temp_size_in_bytes, stats.alias_size_in_bytes
   return {
-    "median_ms": {k: 1e3 * statistics.median(v) for k, v in per_step.items()},
-    "per_repeat_ms": {k: [1e3 * t for t in v] for k, v in per_step.items()},
-    "samx_over_hand": ratio_stats(per_step["samx"], per_step["hand"]),
-    "hand_over_sgd": ratio_stats(per_step["hand"], per_step["sgd"]),
-    "samx_over_sgd": ratio_stats(per_step["samx"], per_step["sgd"]),
-    "samx_minus_hand_us": float(
-      1e6 * np.median(np.asarray(per_step["samx"]) - np.asarray(per_step["hand"]))
-    ),
-    **variants,
+    "argument": int(args),
+    "output": int(out),
+    "temp": int(temp),
+    "alias": int(alias),
+    "peak": int(args + out + temp - alias),
   }
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+  return max(
+    float(jnp.max(jnp.abs(x - y)))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
 
 
 def benchmark_model(
   name: str,
   batch_size: int,
+  kinds: list[str],
   repeats: int,
   steps: int,
   warmup: int,
   compile_repeats: int,
-  hlo_dir: str | None,
+  progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-  init, apply = MODELS[name]
-  loss_fn = make_loss(apply)
-  per_example_loss_fn = make_per_example_loss(apply)
-  kx, ky, kp = jax.random.split(jax.random.key(0), 3)
-  batch = (
-    jax.random.normal(kx, (batch_size, 28, 28, 1), jnp.float32),
-    jax.random.randint(ky, (batch_size,), 0, 10),
-  )
-  params = init(kp)
-  n_params = sum(x.size for x in jax.tree.leaves(params))
+  model = models.build(name, batch_size)
+  step_fns = make_steps(model, kinds)
+  kinds = [k for k in step_fns]
+  variables = (model.params, model.rest)
+  batch = model.batch
 
-  step_fns = make_steps(loss_fn, per_example_loss_fn)
-  states = {kind: tx.init(params) for kind, (tx, _) in step_fns.items()}
-  compiled, lower_times, compile_times = {}, {k: [] for k in KINDS}, {k: [] for k in KINDS}
-  for _ in range(compile_repeats):
-    for kind in KINDS:
+  compiled, lower_s, compile_s, mem, start = {}, {}, {}, {}, {}
+  for kind in kinds:
+    tx, step = step_fns[kind]
+    state = tx.init(model.params)
+    lowers, compiles = [], []
+    for _ in range(compile_repeats):
       jax.clear_caches()  # otherwise JAX reuses the executable and nothing is compiled
-      exe, lower_s, comp_s = compile_step(step_fns[kind][1], (params, states[kind], batch))
-      compiled[kind] = exe
-      lower_times[kind].append(lower_s)
-      compile_times[kind].append(comp_s)
-  compile_s = {
-    kind: {
-      "lower_s": statistics.median(lower_times[kind]),
-      "compile_s": statistics.median(compile_times[kind]),
-      "compile_s_all": compile_times[kind],
-      "hlo_entry_instructions": entry_instruction_count(compiled[kind].as_text()),
-    }
-    for kind in KINDS
-  }
-  if hlo_dir:
-    os.makedirs(hlo_dir, exist_ok=True)
-    slug = name.split()[0]
-    for kind, (_, step) in step_fns.items():
-      with open(os.path.join(hlo_dir, f"{slug}_{kind}.hlo.txt"), "w") as f:
-        f.write(compiled[kind].as_text())
-      with open(os.path.join(hlo_dir, f"{slug}_{kind}.jaxpr.txt"), "w") as f:
-        f.write(str(jax.make_jaxpr(step)(params, states[kind], batch)))
+      exe, lo, co = compile_step(step, (variables, state, batch))
+      lowers.append(lo)
+      compiles.append(co)
+    compiled[kind] = exe
+    lower_s[kind], compile_s[kind] = statistics.median(lowers), statistics.median(compiles)
+    mem[kind] = memory(exe)
+    # One step first: timing starts from the steady state (and checks the step runs).
+    first_vars, first_state, _ = exe(variables, state, batch)
+    start[kind] = (first_vars, first_state)
+    progress(f"  compiled {name} {kind}: {lower_s[kind]:.2f} + {compile_s[kind]:.2f} s")
 
-  # The two SAM steps must compute the same thing.
-  p_hand, _, _ = compiled["hand"](params, states["hand"], batch)
-  p_samx, _, _ = compiled["samx"](params, states["samx"], batch)
-  max_diff = max(
-    float(jnp.max(jnp.abs(a - b)))
-    for a, b in zip(jax.tree.leaves(p_hand), jax.tree.leaves(p_samx), strict=True)
-  )
+  # The three SAM implementations compute the same step.
+  diffs = {
+    f"{ref}_vs_samx_sam": max_abs_diff(start[ref][0][0], start["sam"][0][0])
+    for ref in ("hand", "optax_sam")
+    if "sam" in start
+  }
 
   for _ in range(warmup):
-    for kind in KINDS:
-      time_loop(compiled[kind], params, states[kind], batch, steps)
-
-  wall = {kind: [] for kind in KINDS}
-  cpu = {kind: [] for kind in KINDS}
+    for kind in kinds:
+      time_loop(compiled[kind], *start[kind], batch, steps)
+  wall = {kind: [] for kind in kinds}
+  cpu = {kind: [] for kind in kinds}
   for r in range(repeats):
-    order = KINDS[r % len(KINDS) :] + KINDS[: r % len(KINDS)]
+    order = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]
     for kind in order:
-      w, c = time_loop(compiled[kind], params, states[kind], batch, steps)
+      w, c = time_loop(compiled[kind], *start[kind], batch, steps)
       wall[kind].append(w)
       cpu[kind].append(c)
+    progress(f"  timed {name}: repeat {r + 1}/{repeats}")
 
+  param_bytes = model.param_bytes
+  per_kind = {}
+  for kind in kinds:
+    row = {
+      "ms": 1e3 * statistics.median(wall[kind]),
+      "per_repeat_ms": [1e3 * t for t in wall[kind]],
+      "wall_over_sgd": ratio_stats(wall[kind], wall["sgd"]),
+      "wall_over_hand": ratio_stats(wall[kind], wall["hand"]),
+      "wall_over_optax_sam": ratio_stats(wall[kind], wall["optax_sam"]),
+      "cpu_over_sgd": ratio_stats(cpu[kind], cpu["sgd"]),
+      "cpu_over_hand": ratio_stats(cpu[kind], cpu["hand"]),
+      "lower_s": lower_s[kind],
+      "compile_s": compile_s[kind],
+      "memory": mem[kind],
+    }
+    if mem[kind] and mem["sgd"]:
+      row["peak_over_sgd"] = mem[kind]["peak"] / mem["sgd"]["peak"]
+      row["extra_peak_params"] = (mem[kind]["peak"] - mem["sgd"]["peak"]) / param_bytes
+      row["extra_temp_params"] = (mem[kind]["temp"] - mem["sgd"]["temp"]) / param_bytes
+    per_kind[kind] = row
   return {
     "model": name,
-    "n_params": int(n_params),
+    "description": model.description,
+    "n_params": model.n_params,
+    "param_bytes": param_bytes,
     "batch_size": batch_size,
-    "max_abs_param_diff_hand_vs_samx": max_diff,
-    "compile": compile_s,
-    "wall": summarize(wall),
-    "cpu": summarize(cpu),
+    "max_abs_param_diff": diffs,
+    "kinds": per_kind,
   }
 
 
@@ -363,145 +335,170 @@ def benchmark_model(
 # ---------------------------------------------------------------------------
 
 
-def print_variants(results: list[dict[str, Any]]) -> None:
-  header = (
-    f"{'model':<24} {'variant':<11} {'ms':>6} {'/SGD wall [IQR]':>22} "
-    f"{'/SAM wall [IQR]':>22} {'/SGD cpu':>8} {'/SAM cpu':>8}"
-  )
-  print(header)
-  print("-" * len(header))
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+  return "-" if x is None else format(x, spec)
+
+
+def table(results: list[dict[str, Any]], cpu_clock: bool) -> str:
+  lines = []
   for res in results:
-    for kind in VARIANTS:
-      wall, cpu = res["wall"], res["cpu"]
-      print(
-        f"{res['model']:<24} {kind:<11} {wall['median_ms'][kind]:>6.3g} "
-        f"{median_iqr(wall[f'{kind}_over_sgd']):>22} "
-        f"{median_iqr(wall[f'{kind}_over_samx']):>22} "
-        f"{cpu[f'{kind}_over_sgd']['median']:>8.3f} {cpu[f'{kind}_over_samx']['median']:>8.3f}"
+    lines.append(
+      f"\n### {res['model']}: {res['description']}; {res['n_params']:,} params, "
+      f"batch {res['batch_size']}\n"
+    )
+    header = (
+      "| step | ms | /SGD wall [IQR] | /hand SAM | /optax SAM | "
+      + ("/SGD cpu | " if cpu_clock else "")
+      + "peak /SGD | extra peak MB (params) | extra temp (params) | compile s |"
+    )
+    lines.append(header)
+    lines.append("|" + "---|" * (header.count("|") - 1))
+    for kind, row in res["kinds"].items():
+      cells = [
+        kind,
+        f"{row['ms']:.3g}",
+        median_iqr(row["wall_over_sgd"]),
+        f"{row['wall_over_hand']['median']:.3f}",
+        f"{row['wall_over_optax_sam']['median']:.3f}",
+      ]
+      if cpu_clock:
+        cells.append(f"{row['cpu_over_sgd']['median']:.3f}")
+      cells += [
+        _fmt(row.get("peak_over_sgd"), ".3f"),
+        "-"
+        if row.get("extra_peak_params") is None
+        else f"{row['extra_peak_params'] * res['param_bytes'] / 2**20:+.1f} "
+        f"({row['extra_peak_params']:+.2f})",
+        _fmt(row.get("extra_temp_params"), "+.2f"),
+        f"{row['lower_s'] + row['compile_s']:.2f}",
+      ]
+      lines.append("| " + " | ".join(cells) + " |")
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in res["max_abs_param_diff"].items())
+    lines.append(f"\nmax |w - w_samx_sam| after one step: {diffs}")
+  return "\n".join(lines)
+
+
+def targets(results: list[dict[str, Any]]) -> str:
+  """The issue's targets, each met or with the measured gap."""
+  lines = ["\nTargets (median wall-clock ratios):"]
+  for res in results:
+    kinds = res["kinds"]
+    if "sam" not in kinds:
+      continue
+    sam_hand = kinds["sam"]["wall_over_hand"]["median"]
+    lines.append(
+      f"  {res['model']}: samx SAM / hand-written = {sam_hand:.3f} "
+      f"({'met' if sam_hand <= 1.03 else 'NOT met'}: <= 1.03)"
+    )
+    hand_sgd = kinds["hand"]["wall_over_sgd"]["median"]
+    sam_sgd = kinds["sam"]["wall_over_sgd"]["median"]
+    lines.append(
+      f"  {res['model']}: SAM / SGD = {sam_sgd:.3f}, hand SAM / SGD = {hand_sgd:.3f} "
+      f"(2x +- 5%: {'met' if abs(sam_sgd - 2) <= 0.1 else 'not met'})"
+    )
+    extra = kinds["sam"].get("extra_temp_params")
+    if extra is not None:
+      lines.append(
+        f"  {res['model']}: SAM's extra temporaries over SGD = {extra:+.2f} x params "
+        f"({'met' if extra <= 1.05 else 'NOT met'}: <= 1 copy)"
       )
-  print(
-    f"\nlooksam: k={LOOKSAM_K}, the time averaged over the steps of a sample; esam: "
-    f"beta={ESAM_BETA}, gamma={ESAM_GAMMA}, one mask bit per weight (esam) or per tensor\n"
-    "(esam_tensor). /SAM is over samx's SAM step, medians of per-repeat ratios.\n"
-  )
+  return "\n".join(lines)
 
 
-def print_table(results: list[dict[str, Any]]) -> None:
-  header = (
-    f"{'model':<24} {'batch':>5} {'sgd ms':>7} {'hand ms':>7} {'samx ms':>7} "
-    f"{'samx/hand wall [IQR]':>22} {'samx/hand cpu [IQR]':>22} {'SAM/SGD':>7} "
-    f"{'(cpu)':>6}"
-  )
-  print(header)
-  print("-" * len(header))
-  for res in results:
-    ms, wall, cpu = res["wall"]["median_ms"], res["wall"], res["cpu"]
-    print(
-      f"{res['model']:<24} {res['batch_size']:>5} {ms['sgd']:>7.3g} {ms['hand']:>7.3g} "
-      f"{ms['samx']:>7.3g} {median_iqr(wall['samx_over_hand']):>22} "
-      f"{median_iqr(cpu['samx_over_hand']):>22} {wall['samx_over_sgd']['median']:>7.3f} "
-      f"{cpu['samx_over_sgd']['median']:>6.3f}"
-    )
-  print(
-    "\nms: median wall-clock time per step. Ratios: median [25%, 75%] over repeats of the\n"
-    "per-repeat ratio of interleaved runs; wall = wall-clock time, cpu = CPU time of this\n"
-    "process (all threads), less sensitive to other jobs on a busy CPU machine. SAM/SGD is\n"
-    "samx's SAM step over the SGD step.\n"
-  )
-  print_variants(results)
-  print("samx/hand: 95% bootstrap interval of the median; min/min = ratio of fastest samples")
-  for res in results:
-    for clock in ("wall", "cpu"):
-      s = res[clock]["samx_over_hand"]
-      lo, hi = s["median_ci95"]
-      hand_sgd = res[clock]["hand_over_sgd"]["median"]
-      diff_us = res[clock]["samx_minus_hand_us"]
-      print(
-        f"  {res['model']:<24} {clock:<4} median {s['median']:.3f} CI [{lo:.3f}, {hi:.3f}]"
-        f"  min/min {s['ratio_of_minima']:.3f}  samx-hand {diff_us:+.1f} us/step"
-        f"  hand/sgd {hand_sgd:.3f}"
-      )
-  print(
-    "\ncompile times in s, median over rounds (lower + compile) "
-    "[instructions in the optimized HLO entry]:"
-  )
-  for res in results:
-    parts = ", ".join(
-      f"{k} {c['lower_s']:.2f} + {c['compile_s']:.2f} [{c['hlo_entry_instructions']}]"
-      for k, c in res["compile"].items()
-    )
-    print(f"  {res['model']:<24} {parts}")
-  print()
-  for res in results:
-    print(
-      f"  {res['model']:<24} params {res['n_params']:,}; max |w_hand - w_samx| after one "
-      f"step: {res['max_abs_param_diff_hand_vs_samx']:.2e}"
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true", help="few repeats, small batches")
-  parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 60)")
-  parser.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")
-  parser.add_argument("--steps", type=int, default=None, help="steps per timed sample (20)")
-  parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 2)")
+  parser.add_argument("--quick", action="store_true", help="the 'quick' preset")
+  parser.add_argument("--preset", choices=list(PRESETS), default=None)
   parser.add_argument(
-    "--compile-repeats", type=int, default=None, help="compilations per step (default 3)"
+    "--models", default=None, help=f"comma-separated, of {list(models.SPECS)}"
   )
-  parser.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS), choices=list(MODELS))
+  parser.add_argument(
+    "--variants", default=None, help=f"comma-separated, of {list(VARIANTS)} (default: all)"
+  )
+  parser.add_argument("--batch-size", type=int, default=None)
+  parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--steps", type=int, default=None, help="steps per timed sample")
+  parser.add_argument("--warmup", type=int, default=None, help="untimed rounds")
+  parser.add_argument("--compile-repeats", type=int, default=1)
   parser.add_argument("--json", metavar="PATH", help="save the results as JSON")
-  parser.add_argument("--dump-hlo", metavar="DIR", help="write each step's HLO and jaxpr")
+  parser.add_argument("--out", metavar="DIR", help="write speed.json and speed.md there")
+  parser.add_argument("--quiet", action="store_true", help="no progress lines")
   args = parser.parse_args(argv)
 
-  repeats = args.repeats or (6 if args.quick else 60)
-  batch_size = args.batch_size or (32 if args.quick else 128)
-  steps = args.steps or (5 if args.quick else 20)
-  warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-  compile_repeats = args.compile_repeats or (1 if args.quick else 3)
+  preset = "quick" if args.quick else (args.preset or "cpu")
+  model_names = args.models.split(",") if args.models else list(PRESETS[preset]["models"])
+  for name in model_names:
+    if name not in models.SPECS:
+      parser.error(f"--models: unknown model {name!r}; expected some of {list(models.SPECS)}")
+  kinds = args.variants.split(",") if args.variants else list(VARIANTS)
+  for kind in kinds:
+    if kind not in VARIANTS:
+      parser.error(f"--variants: unknown variant {kind!r}; expected some of {list(VARIANTS)}")
+  if "sam" not in kinds:
+    kinds.insert(0, "sam")
+  batch_size = args.batch_size or PRESETS[preset]["batch_size"]
+  repeats, steps, warmup = TIMING[preset]
+  repeats = args.repeats or repeats
+  steps = args.steps or steps
+  warmup = args.warmup if args.warmup is not None else warmup
 
+  backend = jax.default_backend()
   machine = {
     "cpu": cpu_model(),
     "cores": os.cpu_count(),
-    "backend": jax.default_backend(),
+    "backend": backend,
     "devices": [str(d) for d in jax.devices()],
+    "device_kind": jax.devices()[0].device_kind,
     "jax": jax.__version__,
     "optax": optax.__version__,
+    "flax": flax.__version__,
     "python": platform.python_version(),
     "date": datetime.date.today().isoformat(),
   }
-  if steps % LOOKSAM_K:
-    print(f"note: --steps {steps} is not a multiple of k={LOOKSAM_K}: LookSAM's mean is biased")
-  print(
-    f"jax {machine['jax']} ({machine['backend']}), {machine['cpu']}, {machine['cores']} "
-    f"cores; repeats={repeats}, steps/sample={steps}, batch={batch_size}, rho={RHO}, "
-    f"sgd(lr={LEARNING_RATE}, momentum={MOMENTUM})\n"
+  settings = {
+    "preset": preset,
+    "models": model_names,
+    "variants": kinds,
+    "batch_size": batch_size,
+    "repeats": repeats,
+    "steps": steps,
+    "warmup": warmup,
+    "compile_repeats": args.compile_repeats,
+    "rho": RHO,
+    "learning_rate": LEARNING_RATE,
+    "momentum": MOMENTUM,
+    "looksam_k": LOOKSAM_K,
+    "msam_micro_shards": MSAM_SHARDS,
+  }
+  header = (
+    f"jax {machine['jax']} ({backend}: {machine['device_kind']}), {machine['cpu']}, "
+    f"{machine['cores']} cores; batch {batch_size}, repeats {repeats} x {steps} steps"
   )
-
-  results = [
-    benchmark_model(name, batch_size, repeats, steps, warmup, compile_repeats, args.dump_hlo)
-    for name in args.models
-  ]
-  print_table(results)
-
-  if args.json:
-    settings = {
-      "repeats": repeats,
-      "steps": steps,
-      "warmup": warmup,
-      "compile_repeats": compile_repeats,
-      "batch_size": batch_size,
-      "models": args.models,
-      "rho": RHO,
-      "learning_rate": LEARNING_RATE,
-      "momentum": MOMENTUM,
-      "looksam_k": LOOKSAM_K,
-      "esam_beta": ESAM_BETA,
-      "esam_gamma": ESAM_GAMMA,
-    }
-    with open(args.json, "w") as f:
-      json.dump({"machine": machine, "settings": settings, "results": results}, f, indent=2)
-    print(f"\nsaved {args.json}")
+  print(header)
+  progress = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+  paths = [args.json] if args.json else []
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    paths.append(os.path.join(args.out, "speed.json"))
+  results = []
+  for name in model_names:
+    results.append(
+      benchmark_model(
+        name, batch_size, kinds, repeats, steps, warmup, args.compile_repeats, progress
+      )
+    )
+    report = {"machine": machine, "settings": settings, "results": results}
+    for path in paths:  # after every model, so a long run keeps what it has measured
+      with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+  text = table(results, cpu_clock=backend == "cpu") + "\n" + targets(results)
+  print(text)
+  if args.out:
+    with open(os.path.join(args.out, "speed.md"), "w") as f:
+      f.write(header + "\n" + text + "\n")
+  for path in paths:
+    print(f"saved {path}")
+  return report
 
 
 if __name__ == "__main__":
