@@ -40,10 +40,12 @@ plain SGD with :func:`samx.sam` and :func:`samx.asam` (and, on request, an m swe
   and its ReLU.
 - **Seeds.** Seed ``s`` (``0 .. seeds - 1``) fixes the initialisation, the noise
   draw and the batch order, and every optimizer gets the same ones (paired runs).
-  All seeds train at once under :func:`jax.vmap`; one epoch is one jitted
-  :func:`jax.lax.scan` over its minibatches followed by one evaluation of the clean
-  test accuracy. (Batching changes floating-point rounding, so a given seed can end a
-  few test examples apart when run with a different ``--seeds``.)
+  All seeds train at once under :func:`jax.vmap` (SSAM and LookSAM: one after the
+  other under :func:`jax.lax.map`, so that the ``lax.cond`` of the mask refresh /
+  the skipped second pass stays a branch; see :func:`make_epoch`); one epoch is one
+  jitted :func:`jax.lax.scan` over its minibatches followed by one evaluation of the
+  clean test accuracy. (Batching changes floating-point rounding, so a given seed can
+  end a few test examples apart when run with a different ``--seeds``.)
 - **Output.** A table of the final and the best (over epochs) clean test accuracy,
   mean ± std over seeds (population std, ``ddof=0``); ``accuracy.png`` (clean test
   accuracy per epoch, mean with a ±std band) and ``results.json`` in ``--out``.
@@ -102,13 +104,13 @@ still near chance at epoch 80), rho=0.5 0.904 / 0.953)::
   SAM-ON rho=10  0.095 / 0.112 (40 epochs, chance)
 
 ``--model ln-mlp --variants sgd,sam,sam_on,ssam,fsam,vasso`` at the defaults (150
-epochs, 3 seeds; about 10 s per row on 2 CPU cores, SSAM-F about 270 s)::
+epochs, 3 seeds; about 10 s per row on 2 CPU cores, SSAM-F about 30 s)::
 
   optimizer              final           best
   SGD                    0.683 ± 0.018   0.882 ± 0.015
   SAM (rho=1)            0.919 ± 0.023   0.922 ± 0.024
   SAM-ON (rho=2)         0.678 ± 0.010   0.940 ± 0.002
-  SSAM-F (rho=1, s=0.5)  0.933 ± 0.004   0.956 ± 0.005
+  SSAM-F (rho=1, s=0.5)  0.934 ± 0.004   0.957 ± 0.004
   F-SAM (rho=1)          0.938 ± 0.008   0.953 ± 0.004
   VaSSO (rho=0.5)        0.733 ± 0.028   0.949 ± 0.004
 
@@ -117,14 +119,17 @@ parameters), so it takes a larger radius than SAM's 0.5 on this model, though no
 10x of the paper's ResNets: rho = 10 and 30 never leave chance. F-SAM removes the
 gradient's EMA from the ascent direction, which shortens it a lot and makes
 rho = 1 train at once. VaSSO's averaged direction behaves like SAM's (rho = 1 stalls).
-SSAM-F is slow here: under the seeds' ``vmap`` the refresh's ``lax.cond`` becomes a
-``select``, so the 16 per-example gradients of the Fisher sum run at every step.
+SSAM-F's seeds run one after another (``lax.map``): under the seeds' ``vmap`` the
+refresh's ``lax.cond`` became a ``select``, the 16 per-example gradients of the Fisher
+sum ran at every step, and the row took about 270 s (0.933 ± 0.004 / 0.956 ± 0.005,
+the same runs up to rounding).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -173,11 +178,14 @@ __all__ = [
   "config_from_args",
   "format_table",
   "init_mlp",
+  "init_seeds",
   "load_digits_split",
+  "make_epoch",
   "mlp_apply",
   "run_command",
   "run_demo",
   "symmetric_label_noise",
+  "train",
 ]
 
 NUM_CLASSES = 10
@@ -265,6 +273,14 @@ class Variant:
       grads: micro-shard mSAM) or ``"per_example_grads"`` (the same with the clean
       batch gradient as ``grads``: SSAM-F, whose ascent uses it).
     m: mSAM's shard size, ``None`` for the other optimizers.
+    seed_axis: how the seeds are batched (see :func:`make_epoch`): ``"vmap"``, or
+      ``"map"`` for the optimizers whose step holds a ``lax.cond`` that must stay a
+      branch (SSAM's mask refresh, LookSAM's skipped second pass).
+    factory: ``rho -> tx``, the same optimizer at another radius (``tx`` is
+      ``factory(rho)``); the radius may be a traced array, e.g. a hyperparameter
+      of :func:`optax.inject_hyperparams` (``rho`` is its only argument: the
+      wrapper would turn numeric defaults into hyperparameters too). ``None`` for
+      plain SGD.
   """
 
   key: str
@@ -273,21 +289,33 @@ class Variant:
   tx: optax.GradientTransformation
   contract: str | None
   m: int | None = None
+  seed_axis: str = "vmap"
+  factory: Callable[[Any], optax.GradientTransformation] | None = None
+
+
+def _base(config: DemoConfig) -> optax.GradientTransformation:
+  return optax.sgd(config.lr, momentum=MOMENTUM)
+
+
+def _variant(key, label, rho, factory, contract, **fields) -> Variant:
+  """A :class:`Variant` whose ``tx`` is ``factory(rho)``."""
+  return Variant(key, label, rho, factory(rho), contract, factory=factory, **fields)
 
 
 def _sgd(config: DemoConfig) -> tuple[Variant, ...]:
-  return (Variant("sgd", "SGD", None, optax.sgd(config.lr, momentum=MOMENTUM), None),)
+  return (Variant("sgd", "SGD", None, _base(config), None),)
 
 
 def _sam(config: DemoConfig) -> tuple[Variant, ...]:
-  tx = sam(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_sam)
-  return (Variant("sam", f"SAM (rho={config.rho_sam:g})", config.rho_sam, tx, "grad_fn"),)
+  factory = lambda rho: sam(_base(config), rho=rho)
+  label = f"SAM (rho={config.rho_sam:g})"
+  return (_variant("sam", label, config.rho_sam, factory, "grad_fn"),)
 
 
 def _asam(config: DemoConfig) -> tuple[Variant, ...]:
-  tx = asam(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_asam, eta=ASAM_ETA)
+  factory = lambda rho: asam(_base(config), rho=rho, eta=ASAM_ETA)
   label = f"ASAM (rho={config.rho_asam:g})"
-  return (Variant("asam", label, config.rho_asam, tx, "grad_fn"),)
+  return (_variant("asam", label, config.rho_asam, factory, "grad_fn"),)
 
 
 def _msam(config: DemoConfig) -> tuple[Variant, ...]:
@@ -295,55 +323,72 @@ def _msam(config: DemoConfig) -> tuple[Variant, ...]:
   rows = []
   for m in config.msam_m:
     shards = config.batch_size // m
-    tx = msam(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_msam, micro_shards=shards)
+    factory = _msam_factory(config, shards)
     contract = "grad_fn" if shards == 1 else "per_example"
-    rows.append(Variant(f"msam_m{m}", f"mSAM (m={m})", config.rho_msam, tx, contract, m))
+    label = f"mSAM (m={m})"
+    rows.append(_variant(f"msam_m{m}", label, config.rho_msam, factory, contract, m=m))
   return tuple(rows)
 
 
+def _msam_factory(config: DemoConfig, shards: int) -> Callable[[Any], Any]:
+  return lambda rho: msam(_base(config), rho=rho, micro_shards=shards)
+
+
 def _fsam(config: DemoConfig) -> tuple[Variant, ...]:
-  tx = fsam(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_fsam)
-  return (Variant("fsam", f"F-SAM (rho={config.rho_fsam:g})", config.rho_fsam, tx, "grad_fn"),)
+  factory = lambda rho: fsam(_base(config), rho=rho)
+  label = f"F-SAM (rho={config.rho_fsam:g})"
+  return (_variant("fsam", label, config.rho_fsam, factory, "grad_fn"),)
 
 
 def _gsam(config: DemoConfig) -> tuple[Variant, ...]:
-  tx = gsam(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_sam, alpha=0.4)
+  factory = lambda rho: gsam(_base(config), rho=rho, alpha=0.4)
   label = f"GSAM (rho={config.rho_sam:g}, alpha=0.4)"
-  return (Variant("gsam", label, config.rho_sam, tx, "grad_fn"),)
+  return (_variant("gsam", label, config.rho_sam, factory, "grad_fn"),)
 
 
 def _wsam(config: DemoConfig) -> tuple[Variant, ...]:
-  base = optax.sgd(config.lr, momentum=MOMENTUM)
-  tx = wsam(base, rho=config.rho_sam, gamma=0.9, learning_rate=config.lr)
+  factory = lambda rho: wsam(_base(config), rho=rho, gamma=0.9, learning_rate=config.lr)
   label = f"WSAM (rho={config.rho_sam:g}, gamma=0.9, decoupled)"
-  return (Variant("wsam", label, config.rho_sam, tx, "grad_fn"),)
+  return (_variant("wsam", label, config.rho_sam, factory, "grad_fn"),)
 
 
 def _looksam(config: DemoConfig) -> tuple[Variant, ...]:
-  tx = looksam(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_sam, k=5, alpha=0.7)
+  factory = lambda rho: looksam(_base(config), rho=rho, k=5, alpha=0.7)
   label = f"LookSAM (rho={config.rho_sam:g}, k=5)"
-  return (Variant("looksam", label, config.rho_sam, tx, "grad_fn"),)
+  return (_variant("looksam", label, config.rho_sam, factory, "grad_fn", seed_axis="map"),)
 
 
 def _esam(config: DemoConfig) -> tuple[Variant, ...]:
-  tx = esam(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_sam, beta=0.5, gamma=0.5)
+  factory = lambda rho: esam(_base(config), rho=rho, beta=0.5, gamma=0.5)
   label = f"ESAM (rho={config.rho_sam:g}, beta=gamma=0.5)"
-  return (Variant("esam", label, config.rho_sam, tx, "per_example_grads"),)
+  return (_variant("esam", label, config.rho_sam, factory, "per_example_grads"),)
 
 
 def _vasso(config: DemoConfig) -> tuple[Variant, ...]:
-  tx = vasso(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_vasso)
+  factory = lambda rho: vasso(_base(config), rho=rho)
   label = f"VaSSO (rho={config.rho_vasso:g})"
-  return (Variant("vasso", label, config.rho_vasso, tx, "grad_fn"),)
+  return (_variant("vasso", label, config.rho_vasso, factory, "grad_fn"),)
 
 
 def _sam_on(config: DemoConfig) -> tuple[Variant, ...]:
   _check_sam_on_model(config.variants, config.model)
   # The mask is the callable, applied to each seed's params inside the vmapped
   # init/update (the batched leaves would be 2-D and not look like a norm layer).
-  tx = sam_on(optax.sgd(config.lr, momentum=MOMENTUM), rho=config.rho_sam_on, mask=norm_layers)
+  factory = lambda rho: sam_on(_base(config), rho=rho, mask=norm_layers)
   label = f"SAM-ON (rho={config.rho_sam_on:g})"
-  return (Variant("sam_on", label, config.rho_sam_on, tx, "grad_fn"),)
+  return (_variant("sam_on", label, config.rho_sam_on, factory, "grad_fn"),)
+
+
+def _ssam_factory(config: DemoConfig, mask_type: str, pattern: str, n_m: bool):
+  return lambda rho: ssam(
+    _base(config),
+    rho=rho,
+    sparsity=None if n_m else config.sparsity,
+    mask_type=mask_type,
+    pattern=pattern,
+    num_samples=SSAM_NUM_SAMPLES,
+    refresh_every=SSAM_REFRESH_EVERY,
+  )
 
 
 def _ssam(config: DemoConfig) -> tuple[Variant, ...]:
@@ -351,20 +396,13 @@ def _ssam(config: DemoConfig) -> tuple[Variant, ...]:
   for kind in config.ssam_kinds:
     mask_type, pattern = _SSAM_KINDS[kind]
     n_m = ":" in pattern
-    tx = ssam(
-      optax.sgd(config.lr, momentum=MOMENTUM),
-      rho=config.rho_ssam,
-      sparsity=None if n_m else config.sparsity,
-      mask_type=mask_type,
-      pattern=pattern,
-      num_samples=SSAM_NUM_SAMPLES,
-      refresh_every=SSAM_REFRESH_EVERY,
-    )
+    factory = _ssam_factory(config, mask_type, pattern, n_m)
     tag = "F" if mask_type == "fisher" else "D"
     detail = pattern if n_m else f"{pattern}, s={config.sparsity:g}"
     label = f"SSAM-{tag} (rho={config.rho_ssam:g}, {detail})"
     key = "ssam" if kind == "fisher" else f"ssam_{kind.replace(':', '_')}"
-    rows.append(Variant(key, label, config.rho_ssam, tx, "per_example_grads"))
+    contract = "per_example_grads"
+    rows.append(_variant(key, label, config.rho_ssam, factory, contract, seed_axis="map"))
   return tuple(rows)
 
 
@@ -559,21 +597,72 @@ def _accuracy(params, x, y):
 # ---------------------------------------------------------------------------- training
 
 
-def _init_seeds(seeds: jax.Array, y_train: jax.Array, noise: float, model: str = "mlp"):
-  """Per seed: the MLP's parameters, the noisy training labels and the shuffle key."""
+def init_seeds(seeds: jax.Array, y_train: jax.Array, noise: float, model: str = "mlp"):
+  """Per seed: the MLP's parameters, the noisy training labels and the shuffle key.
 
+  Seed ``s`` splits ``jax.random.key(s)`` into the initialisation, the noise draw and
+  the shuffle key, so two calls with the same seed and different ``noise`` start from
+  the same weights and batch order, and the examples flipped at a lower rate are a
+  subset of those flipped at a higher one (the first ``round(noise * n)`` of one
+  permutation).
+
+  Args:
+    seeds: int seeds of shape ``(n,)``.
+    y_train: the clean training labels.
+    noise: the label-noise rate (see :func:`symmetric_label_noise`).
+    model: ``"mlp"`` or ``"ln-mlp"``.
+
+  Returns:
+    ``(params, y_noisy, key_shuffle)``, each with a leading axis of length ``n``.
+  """
+  params, key_shuffle = _init_params(seeds, model=model)
+  return params, _noisy_labels(seeds, y_train, noise=noise), key_shuffle
+
+
+def _seed_keys(seed: jax.Array) -> jax.Array:
+  """``(key_init, key_noise, key_shuffle)`` of a seed."""
+  return jax.random.split(jax.random.key(seed), 3)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _init_params(seeds: jax.Array, *, model: str):
+  # Compiled once per model (and shapes), apart from the labels: the initialiser takes
+  # seconds to compile and does not depend on the noise rate.
   def one(seed):
-    key_init, key_noise, key_shuffle = jax.random.split(jax.random.key(seed), 3)
-    y_noisy = symmetric_label_noise(key_noise, y_train, noise)
-    return init_mlp(key_init, layer_norm=model == "ln-mlp"), y_noisy, key_shuffle
+    key_init, _, key_shuffle = _seed_keys(seed)
+    return init_mlp(key_init, layer_norm=model == "ln-mlp"), key_shuffle
 
-  return jax.jit(jax.vmap(one))(seeds)
+  return jax.vmap(one)(seeds)
 
 
-def _make_epoch(variant: Variant, batch_size: int, data):
+@functools.partial(jax.jit, static_argnames=("noise",))
+def _noisy_labels(seeds: jax.Array, y_train: jax.Array, *, noise: float) -> jax.Array:
+  def one(seed):
+    return symmetric_label_noise(_seed_keys(seed)[1], y_train, noise)
+
+  return jax.vmap(one)(seeds)
+
+
+def make_epoch(variant: Variant, batch_size: int, data, *, seed_axis: str | None = None):
   """Returns ``epoch(params, opt_state, y_noisy, key_shuffle, epoch)``, jitted and
-  vmapped over seeds: one scan over the epoch's minibatches, then the clean test
-  accuracy."""
+  batched over seeds: one scan over the epoch's minibatches, then the clean test
+  accuracy.
+
+  Args:
+    variant: the optimizer (its ``tx`` and call contract).
+    batch_size: the minibatch size; the last incomplete batch is dropped.
+    data: ``(x_train, y_train, x_test, y_test)`` from :func:`load_digits_split`.
+    seed_axis: how the seeds (the leading axis of every argument but ``epoch``)
+      are batched: ``"vmap"`` trains them together under :func:`jax.vmap`;
+      ``"map"`` one after the other under :func:`jax.lax.map`, which keeps a
+      ``lax.cond`` in the step a real branch (under ``vmap`` it becomes a
+      ``select`` that runs both sides: SSAM's mask refresh, LookSAM's skipped
+      second pass). ``None``: :attr:`Variant.seed_axis`.
+
+  Returns:
+    The jitted epoch function; it returns ``(params, opt_state, mean train loss,
+    clean test accuracy)``, each per seed.
+  """
   x_train, _, x_test, y_test = (jnp.asarray(a) for a in data)
   tx = variant.tx
   n = x_train.shape[0]
@@ -614,25 +703,75 @@ def _make_epoch(variant: Variant, batch_size: int, data):
     (params, opt_state, _), losses = jax.lax.scan(step, (params, opt_state, y_noisy), batches)
     return params, opt_state, losses.mean(), _accuracy(params, x_test, y_test)
 
-  return jax.jit(jax.vmap(epoch_one, in_axes=(0, 0, 0, 0, None)))
+  seed_axis = variant.seed_axis if seed_axis is None else seed_axis
+  if seed_axis == "vmap":
+    return jax.jit(jax.vmap(epoch_one, in_axes=(0, 0, 0, 0, None)))
+  if seed_axis != "map":
+    raise ValueError(f"seed_axis must be 'vmap' or 'map'; got {seed_axis!r}")
+
+  def epoch_seeds(params, opt_state, y_noisy, key_shuffle, epoch):
+    one = lambda args: epoch_one(*args, epoch)
+    return jax.lax.map(one, (params, opt_state, y_noisy, key_shuffle))
+
+  return jax.jit(epoch_seeds)
 
 
-def _train(variant: Variant, config: DemoConfig, data, init, bar) -> dict[str, np.ndarray]:
+def train(
+  variant: Variant,
+  epochs: int,
+  batch_size: int,
+  data,
+  init,
+  *,
+  seed_axis: str | None = None,
+  on_epoch: Callable[[int, jax.Array], None] | None = None,
+  opt_state: Any = None,
+) -> dict[str, np.ndarray]:
+  """Trains ``variant`` from :func:`init_seeds`' ``init`` for ``epochs`` epochs.
+
+  Args:
+    variant: the optimizer.
+    epochs: passes over the training set.
+    batch_size: the minibatch size.
+    data: ``(x_train, y_train, x_test, y_test)`` from :func:`load_digits_split`.
+    init: ``(params, y_noisy, key_shuffle)`` with a leading seed axis.
+    seed_axis: ``"vmap"`` or ``"map"`` (see :func:`make_epoch`).
+    on_epoch: called after each epoch with its index and the per-seed accuracies.
+    opt_state: the initial optimizer state, with the leading seed axis (default:
+      ``variant.tx.init`` of each seed's parameters).
+
+  Returns:
+    ``{"test_accuracy": ..., "train_loss": ...}``, NumPy arrays of shape
+    ``(seeds, epochs)``: the clean test accuracy after each epoch and the mean
+    training loss (on the noisy labels) over each epoch's steps.
+  """
   params, y_noisy, key_shuffle = init
-  opt_state = jax.jit(jax.vmap(variant.tx.init))(params)
-  epoch = _make_epoch(variant, config.batch_size, data)
+  if opt_state is None:
+    opt_state = jax.jit(jax.vmap(variant.tx.init))(params)
+  epoch = make_epoch(variant, batch_size, data, seed_axis=seed_axis)
   accuracies, losses = [], []
-  for e in range(config.epochs):
+  for e in range(epochs):
     params, opt_state, loss, acc = epoch(params, opt_state, y_noisy, key_shuffle, e)
     accuracies.append(acc)
     losses.append(loss)
-    if bar is not None:
-      bar.set_postfix_str(f"test acc {float(acc.mean()):.3f}")
-      bar.update()
+    if on_epoch is not None:
+      on_epoch(e, acc)
   return {
     "test_accuracy": np.asarray(jnp.stack(accuracies, axis=1)),  # (seeds, epochs)
     "train_loss": np.asarray(jnp.stack(losses, axis=1)),
   }
+
+
+def _bar_update(bar) -> Callable[[int, jax.Array], None] | None:
+  """An ``on_epoch`` callback that advances the tqdm ``bar`` (``None``: no callback)."""
+  if bar is None:
+    return None
+
+  def update(epoch: int, accuracy: jax.Array) -> None:
+    bar.set_postfix_str(f"test acc {float(accuracy.mean()):.3f}")
+    bar.update()
+
+  return update
 
 
 def _summary(values: np.ndarray) -> dict[str, Any]:
@@ -666,7 +805,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
   start = time.perf_counter()
   rows = [v for name in config.variants for v in VARIANTS[name](config)]
   data = load_digits_split()
-  init = _init_seeds(jnp.arange(config.seeds), jnp.asarray(data[1]), config.noise, config.model)
+  init = init_seeds(jnp.arange(config.seeds), jnp.asarray(data[1]), config.noise, config.model)
   bar = None
   if config.progress:
     from tqdm.auto import tqdm
@@ -678,7 +817,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
       if bar is not None:
         bar.set_description(variant.label)
       t0 = time.perf_counter()
-      curves = _train(variant, config, data, init, bar)
+      curves = train(
+        variant, config.epochs, config.batch_size, data, init, on_epoch=_bar_update(bar)
+      )
       acc = curves["test_accuracy"]
       results[variant.key] = {
         "label": variant.label,

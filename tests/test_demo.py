@@ -278,3 +278,92 @@ def test_combination_and_efficient_variants_take_one_step(name):
     jax.grad(loss)(params), variant.tx.init(params), params, **extra
   )
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+# ---------------------------------------------------------------------------- subcommands
+
+
+class _FakeBenchmark:
+  """Stands in for a benchmarks/ script: records its argv and program name."""
+
+  def __init__(self, result):
+    self.result = result
+    self.calls = []
+
+  def main(self, argv):
+    import sys
+
+    self.calls.append((argv, sys.argv[0]))
+    return self.result
+
+
+@pytest.mark.parametrize(
+  ("name", "result", "status"),
+  [("speed", {"rows": []}, 0), ("generalization", 0, 0), ("generalization", 3, 3)],
+)
+def test_benchmark_subcommands_pass_their_flags_on(monkeypatch, name, result, status):
+  import sys
+
+  fake = _FakeBenchmark(result)
+  loaded = []
+  monkeypatch.setattr(cli, "load_benchmark", lambda n: (loaded.append(n), fake)[1])
+  argv = ["--quick", "--out", "some/dir", "--suites", "noise"]
+  program = sys.argv[0]
+  assert cli.main([name, *argv]) == status
+  assert loaded == [name]
+  # Unchanged flags, run under the program name "samx NAME", sys.argv restored.
+  assert fake.calls == [(argv, f"samx {name}")]
+  assert sys.argv[0] == program
+
+
+def test_demo_stays_the_default_next_to_the_benchmarks(monkeypatch):
+  ran = []
+  monkeypatch.setattr(cli, "load_benchmark", lambda n: pytest.fail("no benchmark"))
+  monkeypatch.setattr(demo, "run_command", lambda args: ran.append(args) or 0)
+  assert cli.main([]) == 0 and cli.main(["--epochs", "3"]) == 0
+  assert cli.main(["demo", "--epochs", "4"]) == 0
+  assert [a.command for a in ran] == ["demo"] * 3
+  assert [a.epochs for a in ran] == [150, 3, 4]
+  help_text = cli.build_parser().format_help()
+  for name in ("demo", "speed", "generalization"):
+    assert name in help_text
+
+
+def test_missing_benchmarks_say_they_ship_with_the_source(monkeypatch, tmp_path, capsys):
+  monkeypatch.setattr(cli, "benchmarks_dir", lambda: tmp_path / "benchmarks")
+  with pytest.raises(cli.BenchmarkNotFoundError, match="source checkout"):
+    cli.load_benchmark("speed")
+  assert cli.main(["generalization", "--quick"]) == 2
+  err = capsys.readouterr().err
+  assert "samx generalization: error:" in err and "source checkout" in err
+  assert str(tmp_path / "benchmarks" / "generalization.py") in err
+
+
+def test_benchmarks_are_found_next_to_the_package():
+  folder = cli.benchmarks_dir()
+  assert (folder / "speed.py").is_file() and (folder / "generalization.py").is_file()
+  module = cli.load_benchmark("generalization")
+  assert callable(module.main) and module.SUITES[0] == "noise"
+
+
+def test_demo_train_runs_seeds_under_map_or_vmap():
+  data = demo.load_digits_split()
+  init = demo.init_seeds(jnp.arange(2), jnp.asarray(data[1]), 0.4, "ln-mlp")
+  (variant,) = demo.VARIANTS["sam"](demo.DemoConfig())
+  seen = []
+  curves = {
+    axis: demo.train(
+      variant, 2, 64, data, init, seed_axis=axis, on_epoch=lambda e, a: seen.append(e)
+    )
+    for axis in ("vmap", "map")
+  }
+  assert seen == [0, 1, 0, 1]
+  for axis in ("vmap", "map"):
+    assert curves[axis]["test_accuracy"].shape == curves[axis]["train_loss"].shape == (2, 2)
+  # The same runs; batching changes rounding only.
+  np.testing.assert_allclose(
+    curves["vmap"]["train_loss"], curves["map"]["train_loss"], rtol=1e-4
+  )
+  assert [v.seed_axis for v in demo.VARIANTS["ssam"](demo.DemoConfig())] == ["map"]
+  with pytest.raises(ValueError, match="seed_axis"):
+    demo.make_epoch(variant, 64, data, seed_axis="pmap")
