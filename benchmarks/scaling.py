@@ -24,8 +24,8 @@ per-shard gradients, the ascent written out, the same optax update), i.e.
 1, 2, 4, 8, 16 (``m = batch / k``) against ``samx.sam`` at the same batch. The mSAM
 step uses the per-example contract and passes zero gradients, which micro-shard mSAM
 does not use, so both steps cost two gradient passes over the batch: the ratio
-``msam_k / sam`` should be about 1. (``k = 1`` runs the same ``vmap`` evaluation with
-one shard; ``samx.msam(micro_shards=1)`` itself is ``samx.sam``.) Also reported: the
+``msam_k / sam`` should be about 1. (``samx.msam(micro_shards=1)`` is the plain step,
+``samx.sam``'s, and runs with ``grad_fn`` like it.) Also reported: the
 FLOPs of the compiled step (XLA's cost analysis) and its temporary memory, which grows
 with ``k`` copies of the parameters (perturbed points and per-shard gradients).
 
@@ -71,7 +71,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 from common import cpu_model  # noqa: E402
 
 import samx
-from samx.evaluation import micro_shard_evaluation
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX work
 
@@ -232,19 +231,6 @@ def per_example_step(tx: optax.GradientTransformationExtraArgs) -> Callable:
   return jax.jit(step)
 
 
-def micro_shard_msam(k: int) -> optax.GradientTransformationExtraArgs:
-  """``samx.msam(micro_shards=k)``; for ``k = 1`` the same ``vmap`` evaluation."""
-  if k > 1:
-    return samx.msam(base_optimizer(), rho=RHO, micro_shards=k)
-  return samx.sharpness_aware(
-    base_optimizer(),
-    optax.identity(),
-    evaluation=micro_shard_evaluation(samx.scale_by_sam(RHO), 1),
-    sync_ascent=False,
-    name="samx.msam",
-  )
-
-
 def all_reduce_count(hlo_text: str) -> int:
   return sum(
     1 for line in hlo_text.splitlines() if re.search(r"= .*all-reduce(-start)?\(", line)
@@ -392,8 +378,11 @@ def bench_micro_shards(
   for name, k in kinds:
     if k and batch_size % k:
       raise ValueError(f"the batch size {batch_size} must be divisible by micro_shards={k}")
-    tx = samx.sam(base_optimizer(), rho=RHO) if k == 0 else micro_shard_msam(k)
-    step = sam_step(tx) if k == 0 else per_example_step(tx)
+    if k == 0:
+      tx = samx.sam(base_optimizer(), rho=RHO)
+    else:
+      tx = samx.msam(base_optimizer(), rho=RHO, micro_shards=k)
+    step = sam_step(tx) if k <= 1 else per_example_step(tx)
     s0 = tx.init(params)
     t0 = time.perf_counter()
     compiled = step.lower(params, s0, batches[0]).compile()

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import optax
 
 from samx import ascent as ascent_blocks
 from samx.combine_variants import gsam, looksam, wsam
 from samx.directions import fsam, random_sam, vasso
 from samx.efficient import esam
-from samx.evaluation import micro_shard_evaluation
 from samx.masks import Mask
 from samx.pipeline import sharpness_aware
 from samx.selective import sam_on
@@ -41,6 +39,7 @@ def sam(
   ball: ascent_blocks.Ball = "l2",
   axis_name: str | None = None,
   sync_ascent: bool = True,
+  micro_shards: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization in one ``update`` call per step.
 
@@ -62,6 +61,10 @@ def sam(
     axis_name: the data-parallel axis under ``pmap`` / ``shard_map``.
     sync_ascent: average ``g`` over ``axis_name`` before the ascent (one global
       ``eps``); ``False`` gives one ``eps`` per device.
+    micro_shards: ``k`` >= 1 micro-shards of the local batch, one ``eps`` each
+      (``None``: 1). ``k > 1`` is :func:`samx.msam` inside a device: the
+      per-example contract, and ``sync_ascent=False`` with ``axis_name``; see
+      :func:`samx.sharpness_aware`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -84,6 +87,7 @@ def sam(
     ascent_blocks.scale_by_sam(rho, eps=eps, ball=ball),
     axis_name=axis_name,
     sync_ascent=sync_ascent,
+    micro_shards=micro_shards,
     name="samx.sam",
   )
 
@@ -99,6 +103,7 @@ def asam(
   ball: ascent_blocks.Ball = "l2",
   axis_name: str | None = None,
   sync_ascent: bool = True,
+  micro_shards: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM: SAM in the coordinates rescaled by :math:`T_w = |w| + \eta`.
 
@@ -122,6 +127,8 @@ def asam(
     ball: ``"l2"`` or ``"linf"`` (:math:`\epsilon = \rho\, T_w \odot \mathrm{sign}(g)`).
     axis_name: the data-parallel axis under ``pmap`` / ``shard_map``.
     sync_ascent: average ``g`` over ``axis_name`` before the ascent.
+    micro_shards: ``k`` >= 1 micro-shards of the local batch (``None``: 1), each
+      with its own ``eps`` from its own gradient (see :func:`samx.sharpness_aware`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -144,6 +151,7 @@ def asam(
     ascent_blocks.scale_by_asam(rho, eta, mask=mask, layerwise=layerwise, eps=eps, ball=ball),
     axis_name=axis_name,
     sync_ascent=sync_ascent,
+    micro_shards=micro_shards,
     name="samx.asam",
   )
 
@@ -154,7 +162,7 @@ def msam(
   *,
   axis_name: str | tuple[str, ...] | None = None,
   sync_ascent: bool | str | tuple[str, ...] = False,
-  micro_shards: int = 1,
+  micro_shards: int | None = None,
   eps: float = 1e-12,
   ball: ascent_blocks.Ball = "l2",
 ) -> optax.GradientTransformationExtraArgs:
@@ -178,15 +186,21 @@ def msam(
   With ``micro_shards > 1``, the per-example contract (``per_example_loss_fn`` and
   ``batch``, see :mod:`samx.evaluation`): samx computes each shard's clean gradient
   itself, so the ``grads`` passed to ``update`` are not used (pass zeros to skip
-  that pass; the step then costs the FLOPs of SAM). ``micro_shards`` is static:
-  under :func:`optax.inject_hyperparams` pass ``static_args="micro_shards"``.
+  that pass; the step then costs the FLOPs of SAM). Memory: ``k`` perturbations and
+  ``k`` per-shard gradients, about ``k x |params|`` each. Each micro-shard keeps its
+  own ascent state (its step count), so ``rho`` may be a schedule. ``micro_shards``
+  sets shapes: under :func:`optax.inject_hyperparams` an explicit value needs
+  ``static_args="micro_shards"`` (the default ``None`` needs nothing). Every other
+  alias takes ``micro_shards`` too (F-SAM, SSAM, SAM-ON, ... per micro-shard);
+  ``msam`` is SAM's ascent with per-device ``eps`` by default.
 
   Under ``jax.shard_map`` with replication checking (the default ``check_vma=True``),
   ``jax.grad`` of replicated parameters returns gradients already summed over the
   devices, which would silently make the perturbation global. Take the clean
   gradient with respect to ``jax.lax.pcast(params, axis_name, to="varying")`` to get
   the local gradients (``grad_fn`` needs nothing: ``w + eps`` is already varying), or
-  use ``check_vma=False``.
+  use ``check_vma=False``. With ``micro_shards > 1`` samx takes the clean gradients
+  itself, with respect to varying parameters: nothing is needed.
 
   Gradient accumulation is mSAM with ``m`` = the micro-batch: put samx *before*
   :class:`optax.MultiSteps`, so every micro-step computes its own SAM gradient and
@@ -200,12 +214,12 @@ def msam(
 
   Args:
     optimizer: the base optimizer.
-    rho: the radius (a number or per-leaf pytree; a schedule only with
-      ``micro_shards=1``).
+    rho: the radius :math:`\rho` >= 0: a number, a schedule, or a per-leaf pytree.
     axis_name: the data-parallel axis (or axes) under ``pmap`` / ``shard_map``.
     sync_ascent: ``False`` (default): one ``eps`` per device; ``True``: one global
       ``eps``; axis names: one ``eps`` per group along the other axes.
-    micro_shards: ``k`` micro-shards of the local batch, >= 1.
+    micro_shards: ``k`` >= 1 micro-shards of the local batch (``None``: 1); with
+      ``axis_name``, ``k > 1`` needs ``sync_ascent=False``, the default.
     eps: the stabiliser of the normalisation, > 0.
     ball: ``"l2"`` or ``"linf"``.
 
@@ -227,23 +241,11 @@ def msam(
     Behdin et al., `mSAM: Micro-Batch-Averaged Sharpness-Aware Minimization
     <https://arxiv.org/abs/2302.09693>`_, 2023
   """
-  ascent = ascent_blocks.scale_by_sam(rho, eps=eps, ball=ball)
-  if not isinstance(micro_shards, int) or micro_shards < 1:
-    raise ValueError(f"micro_shards must be an integer >= 1; got micro_shards={micro_shards!r}")
-  if micro_shards == 1:
-    return sharpness_aware(
-      optimizer, ascent, axis_name=axis_name, sync_ascent=sync_ascent, name="samx.msam"
-    )
-  if any(callable(r) for r in jax.tree.leaves(rho, is_leaf=callable)):
-    raise ValueError(
-      "rho must be a number or a per-leaf pytree of numbers with micro_shards > 1 (each "
-      "micro-shard's ascent starts from a fresh state); got a schedule"
-    )
   return sharpness_aware(
     optimizer,
-    optax.identity(),
-    evaluation=micro_shard_evaluation(ascent, micro_shards),
+    ascent_blocks.scale_by_sam(rho, eps=eps, ball=ball),
     axis_name=axis_name,
-    sync_ascent=False,  # each micro-shard perturbs along its own gradient
+    sync_ascent=sync_ascent,
+    micro_shards=micro_shards,
     name="samx.msam",
   )

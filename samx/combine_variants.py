@@ -224,6 +224,7 @@ def gsam(
   ball: Ball = "l2",
   axis_name: str | None = None,
   sync_ascent: bool = True,
+  micro_shards: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Surrogate-gap guided SAM (GSAM) in one ``update`` call per step.
 
@@ -258,6 +259,10 @@ def gsam(
     ball: ``"l2"`` or ``"linf"`` (:math:`\epsilon = \rho\,\mathrm{sign}(g)`), the ascent's ball.
     axis_name: the data-parallel axis under ``pmap`` / ``shard_map``.
     sync_ascent: average ``g`` over ``axis_name`` before the ascent.
+    micro_shards: ``k`` >= 1 micro-shards of the local batch, one ``eps`` each
+      (``None``: 1); the decomposition acts on the averages of the shards' ``g``
+      and ``g_s`` (see :func:`samx.sharpness_aware`; ``k > 1`` needs the
+      per-example contract).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -283,6 +288,7 @@ def gsam(
     ),
     axis_name=axis_name,
     sync_ascent=sync_ascent,
+    micro_shards=micro_shards,
     name="samx.gsam",
   )
 
@@ -474,6 +480,7 @@ def wsam(
   ball: Ball = "l2",
   axis_name: str | None = None,
   sync_ascent: bool = True,
+  micro_shards: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Weighted SAM (WSAM): sharpness as a regularisation term of weight :math:`\alpha`.
 
@@ -512,6 +519,10 @@ def wsam(
     ball: ``"l2"`` or ``"linf"`` (:math:`\epsilon = \rho\,\mathrm{sign}(g)`), the ascent's ball.
     axis_name: the data-parallel axis under ``pmap`` / ``shard_map``.
     sync_ascent: average ``g`` over ``axis_name`` before the ascent.
+    micro_shards: ``k`` >= 1 micro-shards of the local batch, one ``eps`` each
+      (``None``: 1); the weighting acts on the averages of the shards' ``g`` and
+      ``g_s`` (see :func:`samx.sharpness_aware`; ``k > 1`` needs the per-example
+      contract).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -545,6 +556,7 @@ def wsam(
     combination=combination,
     axis_name=axis_name,
     sync_ascent=sync_ascent,
+    micro_shards=micro_shards,
     name="samx.wsam",
   )
 
@@ -744,6 +756,7 @@ def looksam(
   ball: Ball = "l2",
   axis_name: str | None = None,
   sync_ascent: bool = True,
+  micro_shards: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LookSAM: SAM's second gradient only every ``k`` steps, its new direction reused.
 
@@ -778,6 +791,11 @@ def looksam(
     ball: ``"l2"`` or ``"linf"`` (:math:`\epsilon = \rho\,\mathrm{sign}(g)`), the ascent's ball.
     axis_name: the data-parallel axis under ``pmap`` / ``shard_map``.
     sync_ascent: average ``g`` over ``axis_name`` before the ascent.
+    micro_shards: ``k`` >= 1 micro-shards of the local batch (``None``: 1), one
+      ``eps`` each on the steps that evaluate ``g_s`` (no shard is evaluated on the
+      others); ``g_v`` comes from the averages of the shards' ``g`` and ``g_s``
+      (see :func:`samx.sharpness_aware`; ``k > 1`` needs the per-example
+      contract).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -812,5 +830,6 @@ def looksam(
     ),
     axis_name=axis_name,
     sync_ascent=sync_ascent,
+    micro_shards=micro_shards,
     name="samx.looksam",
   )

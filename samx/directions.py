@@ -379,6 +379,7 @@ def fsam(
   ball: Ball = "l2",
   axis_name: str | None = None,
   sync_ascent: bool = True,
+  micro_shards: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly SAM: perturb along the gradient minus an EMA of past gradients.
 
@@ -411,6 +412,9 @@ def fsam(
     sync_ascent: average ``g`` over ``axis_name`` before the ascent (one global
       ``eps`` and one EMA); ``False`` keeps one ``eps`` and one EMA of the local
       gradients per device.
+    micro_shards: ``k`` >= 1 micro-shards of the local batch (``None``: 1), each
+      with its own ``eps`` and its own EMA of that shard's gradients (see
+      :func:`samx.sharpness_aware`; ``k > 1`` needs the per-example contract).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -432,6 +436,7 @@ def fsam(
     optax.chain(fsam_direction(sigma, decay), scale_by_sam(rho, eps=eps, ball=ball)),
     axis_name=axis_name,
     sync_ascent=sync_ascent,
+    micro_shards=micro_shards,
     name="samx.fsam",
   )
 
@@ -445,6 +450,7 @@ def vasso(
   ball: Ball = "l2",
   axis_name: str | None = None,
   sync_ascent: bool = True,
+  micro_shards: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Variance-suppressed SAM: perturb along an exponential average of the gradients.
 
@@ -474,6 +480,9 @@ def vasso(
     axis_name: the data-parallel axis under ``pmap`` / ``shard_map``.
     sync_ascent: average ``g`` over ``axis_name`` before the ascent (one global
       ``eps`` and one average); ``False`` keeps one per device.
+    micro_shards: ``k`` >= 1 micro-shards of the local batch (``None``: 1), each
+      with its own ``eps`` and its own average of that shard's gradients (see
+      :func:`samx.sharpness_aware`; ``k > 1`` needs the per-example contract).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -495,6 +504,7 @@ def vasso(
     optax.chain(vasso_direction(theta), scale_by_sam(rho, eps=eps, ball=ball)),
     axis_name=axis_name,
     sync_ascent=sync_ascent,
+    micro_shards=micro_shards,
     name="samx.vasso",
   )
 
@@ -508,6 +518,7 @@ def random_sam(
   ball: Ball = "l2",
   axis_name: str | None = None,
   sync_ascent: bool = True,
+  micro_shards: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The random-perturbation control: SAM's step with a random direction of radius rho.
 
@@ -532,6 +543,10 @@ def random_sam(
     axis_name: the data-parallel axis under ``pmap`` / ``shard_map``.
     sync_ascent: average ``g`` over ``axis_name`` before the ascent (it does not
       change the direction, which ignores ``g``).
+    micro_shards: ``k`` >= 1 micro-shards of the local batch (``None``: 1; see
+      :func:`samx.sharpness_aware`). Every micro-shard starts from the same key and
+      so draws the same direction (as every device does): the update is the one
+      of ``micro_shards=1``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -555,5 +570,6 @@ def random_sam(
     optax.chain(random_direction(key), scale_by_sam(rho, eps=eps, ball=ball)),
     axis_name=axis_name,
     sync_ascent=sync_ascent,
+    micro_shards=micro_shards,
     name="samx.random_sam",
   )

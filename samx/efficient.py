@@ -313,6 +313,7 @@ def esam(
   ball: Ball = "l2",
   axis_name: str | None = None,
   sync_ascent: bool = True,
+  micro_shards: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Efficient SAM (ESAM): SAM on random weights (SWP) and on the sharpest examples (SDS).
 
@@ -356,6 +357,11 @@ def esam(
     axis_name: the data-parallel axis under ``pmap`` / ``shard_map``; each device
       selects among its own examples.
     sync_ascent: average ``g`` over ``axis_name`` before the ascent.
+    micro_shards: ``k`` >= 1 micro-shards of the local batch (``None``: 1), one
+      ``eps`` each; each shard selects its own :math:`\lceil \gamma B / k \rceil`
+      sharpest examples. Every shard starts from the same key, so the SWP masks
+      are the same on every shard (as on every device). See
+      :func:`samx.sharpness_aware`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -383,5 +389,6 @@ def esam(
     evaluation=gradient_on_sharpest_examples(gamma),
     axis_name=axis_name,
     sync_ascent=sync_ascent,
+    micro_shards=micro_shards,
     name="samx.esam",
   )

@@ -9,6 +9,14 @@ perturbed point is averaged over the axis before the base optimizer sees it.
 Under ``jax.jit`` with sharded arrays no axis name is needed: the computation is
 the single-device one.
 
+Inside a device, ``micro_shards=k`` (an argument of :func:`samx.sharpness_aware`
+and of every alias) splits the local batch in order into ``k`` micro-shards
+(:func:`split_into_micro_shards`) and gives each its own perturbation under
+:func:`jax.vmap`; the evaluation runs once per micro-shard, on that shard, and the
+perturbed gradients are averaged (:func:`mean_over_micro_shards`) before the mean
+over the named axis. Devices and micro-shards combine: ``n`` devices with ``k``
+micro-shards each give ``n * k`` perturbations.
+
 The two contracts
 -----------------
 Every samx optimizer is called once per step with the clean gradient, the
@@ -22,7 +30,7 @@ parameters and keyword extra arguments. There are exactly two contracts:
    ``grad_fn(params) -> grads`` is the gradient of the loss on the current batch.
 
 2. Per-example losses (variants that must see the batch itself: ESAM's data
-   selection, micro-shard mSAM, Fisher masks)::
+   selection, micro-shards, Fisher masks)::
 
      tx.update(grads, opt_state, params,
                per_example_loss_fn=per_example_loss_fn, batch=batch)
@@ -49,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from samx import checks
+from samx import checks, numerics
 
 __all__ = [
   "CONTRACT_ARGS",
@@ -57,9 +65,12 @@ __all__ = [
   "axis_mean",
   "batch_size",
   "gradient_at_perturbed",
-  "micro_shard_evaluation",
+  "mean_over_micro_shards",
   "per_example_losses",
   "perturbed_gradient",
+  "require_per_example_contract",
+  "split_into_micro_shards",
+  "varying_along",
 ]
 
 CONTRACT_ARGS = ("grad_fn", "per_example_loss_fn", "batch", "losses")
@@ -97,12 +108,56 @@ def axis_mean(tree: Any, axis_name: str | None) -> Any:
   try:
     return jax.lax.pmean(tree, axis_name)
   except NameError as err:
-    raise NameError(
-      f"axis_name={axis_name!r} is not bound here: run the training step under "
-      f"jax.pmap(..., axis_name={axis_name!r}) or jax.shard_map over a mesh with that "
-      "axis, or pass axis_name=None under plain jax.jit (sharded arrays need no axis "
-      f"name). ({err})"
-    ) from None
+    raise _unbound(axis_name, err) from None
+
+
+def _unbound(axis_name: Any, err: Exception) -> NameError:
+  return NameError(
+    f"axis_name={axis_name!r} is not bound here: run the training step under "
+    f"jax.pmap(..., axis_name={axis_name!r}) or jax.shard_map over a mesh with that "
+    "axis, or pass axis_name=None under plain jax.jit (sharded arrays need no axis "
+    f"name). ({err})"
+  )
+
+
+def varying_along(tree: Any, axis_name: str | tuple[str, ...] | None) -> Any:
+  """Casts ``tree`` to varying along ``axis_name`` where it is not varying yet.
+
+  Under :func:`jax.shard_map` with replication checking (``check_vma=True``),
+  :func:`jax.grad` with respect to replicated parameters returns the gradient
+  summed over the devices; with respect to varying ones, the device's own. Where
+  there is nothing to cast (``pmap``, ``check_vma=False``, a ``vmap`` axis, values
+  already varying) the tree is returned as it is; ``axis_name=None`` is the
+  identity.
+
+  Args:
+    tree: the pytree to cast (the parameters).
+    axis_name: a named axis, a tuple of them, or ``None``.
+
+  Returns:
+    ``tree``, varying along every axis of ``axis_name``.
+
+  >>> import jax, jax.numpy as jnp
+  >>> x = jnp.array([1.0, 2.0])
+  >>> jax.vmap(lambda v: jax.grad(lambda w: w * v)(varying_along(1.0, "i")),
+  ...          axis_name="i")(x)
+  Array([1., 2.], dtype=float32, weak_type=True)
+  """
+  if axis_name is None:
+    return tree
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+  def leaf(x):
+    for name in names:
+      try:
+        x = jax.lax.pcast(x, name, to="varying")
+      except ValueError:  # already varying along name, or not under shard_map
+        pass
+      except NameError as err:
+        raise _unbound(axis_name, err) from None
+    return x
+
+  return jax.tree.map(leaf, tree)
 
 
 def perturbed_gradient(
@@ -184,6 +239,32 @@ def batch_size(batch: Any, *, who: str = "samx") -> int:
   return sizes.pop()
 
 
+def require_per_example_contract(
+  per_example_loss_fn: Any, batch: Any, *, who: str = "samx"
+) -> None:
+  """Raises unless the second contract's ``per_example_loss_fn`` and ``batch`` are given.
+
+  Checks only what is known before any call: both are present and the function is
+  callable (:func:`per_example_losses` checks the shape of its result).
+
+  >>> require_per_example_contract(None, {"x": np.zeros(2)}, who="doc")
+  Traceback (most recent call last):
+  ...
+  TypeError: doc needs the keyword arguments per_example_loss_fn and batch (missing: ...
+  """
+  if per_example_loss_fn is None or batch is None:
+    missing = "per_example_loss_fn" if per_example_loss_fn is None else "batch"
+    raise TypeError(
+      f"{who} needs the keyword arguments per_example_loss_fn and batch (missing: "
+      f"{missing}). Call it as\n{PER_EXAMPLE_CALL}"
+    )
+  if not callable(per_example_loss_fn):
+    raise TypeError(
+      f"{who}: per_example_loss_fn must be callable; got "
+      f"{type(per_example_loss_fn).__name__}. Call it as\n{PER_EXAMPLE_CALL}"
+    )
+
+
 def per_example_losses(
   per_example_loss_fn: Callable[[Any, Any], Any] | None,
   params: Any,
@@ -207,17 +288,7 @@ def per_example_losses(
   ...                    {"x": jnp.array([1.0, 3.0])})
   Array([ 4., 36.], dtype=float32)
   """
-  if per_example_loss_fn is None or batch is None:
-    missing = "per_example_loss_fn" if per_example_loss_fn is None else "batch"
-    raise TypeError(
-      f"{who} needs the keyword arguments per_example_loss_fn and batch (missing: "
-      f"{missing}). Call it as\n{PER_EXAMPLE_CALL}"
-    )
-  if not callable(per_example_loss_fn):
-    raise TypeError(
-      f"{who}: per_example_loss_fn must be callable; got "
-      f"{type(per_example_loss_fn).__name__}. Call it as\n{PER_EXAMPLE_CALL}"
-    )
+  require_per_example_contract(per_example_loss_fn, batch, who=who)
   size = batch_size(batch, who=who)
   losses = jnp.asarray(per_example_loss_fn(params, batch))
   if losses.shape != (size,):
@@ -228,75 +299,57 @@ def per_example_losses(
   return losses
 
 
-def micro_shard_evaluation(
-  ascent: Any,
-  micro_shards: int,
-) -> Evaluation:
-  r"""mSAM on one device: one perturbation per micro-shard of the batch, via ``vmap``.
+def split_into_micro_shards(tree: Any, micro_shards: int, *, who: str = "samx") -> Any:
+  """Splits the leading example axis of ``tree`` in order into ``micro_shards`` shards.
 
-  The batch (second contract: ``per_example_loss_fn`` and ``batch``) is split in
-  order into ``micro_shards`` equal shards :math:`B_i`. For each shard, under
-  :func:`jax.vmap`:
-
-  .. math::
-    g_i = \nabla L_{B_i}(w), \quad \epsilon_i = \mathrm{ascent}(g_i), \quad
-    h_i = \nabla L_{B_i}(w + \epsilon_i), \qquad g_s = \tfrac{1}{k} \textstyle\sum_i h_i
-
-  Together the :math:`g_i` cost one gradient pass over the batch and the
-  :math:`h_i` another: the FLOPs of SAM. The clean ``grads`` given to ``update``
-  are not used by this evaluation (samx needs the per-shard gradients), so a
-  training step may pass zeros instead of computing them. Memory: ``k`` copies of
-  the parameters for the perturbed points and the per-shard gradients.
-  BatchNorm inside ``per_example_loss_fn`` sees each micro-shard alone (ghost batch
-  statistics).
-
-  The ascent is applied to each shard's gradient with a fresh state every step, so
-  it must be stateless in effect (e.g. :func:`samx.scale_by_sam` or
-  :func:`samx.scale_by_asam` with a number or per-leaf radius, not a schedule).
+  Every leaf of shape ``(B, ...)`` becomes ``(micro_shards, B // micro_shards, ...)``:
+  shard ``i`` holds examples ``i * m`` to ``(i + 1) * m - 1`` with ``m = B //
+  micro_shards``. ``B`` must be divisible by ``micro_shards``; otherwise the error
+  names both.
 
   Args:
-    ascent: the transformation ``g_i -> eps_i``.
-    micro_shards: ``k``, which must divide the batch size.
+    tree: a batch (or per-example losses) with a leading example axis of size ``B``.
+    micro_shards: ``k`` >= 1.
+    who: the name used in error messages.
 
   Returns:
-    An evaluation for :func:`samx.sharpness_aware` (use with ``optax.identity()`` as
-    its ascent stage, as :func:`samx.msam` does).
+    The tree with leaves of shape ``(k, B // k, ...)``.
 
-  >>> import jax.numpy as jnp, samx
-  >>> ev = micro_shard_evaluation(samx.scale_by_sam(0.0), micro_shards=2)
-  >>> losses = lambda w, b: 0.5 * (b["x"] * w) ** 2
-  >>> ev(jnp.array(1.0), None, per_example_loss_fn=losses, batch={"x": jnp.arange(4.0)})
-  Array(3.5, dtype=float32)
+  >>> split_into_micro_shards({"x": np.arange(6)}, 3)["x"].tolist()
+  [[0, 1], [2, 3], [4, 5]]
+  >>> split_into_micro_shards({"x": np.arange(6)}, 4, who="doc")
+  Traceback (most recent call last):
+  ...
+  ValueError: doc: the batch size 6 must be divisible by micro_shards=4 ...
   """
-  if not isinstance(micro_shards, int) or micro_shards < 1:
-    raise ValueError(f"micro_shards must be an integer >= 1; got micro_shards={micro_shards!r}")
-
-  def evaluation(params, perturbation, *, who="samx", **extra_args):
-    del perturbation
-    fn = extra_args.get("per_example_loss_fn")
-    batch = extra_args.get("batch")
-    per_example_losses(fn, params, batch, who=who)  # checks the contract (traced once)
-    size = batch_size(batch, who=who)
-    if size % micro_shards:
-      raise ValueError(
-        f"{who}: the batch size {size} must be divisible by micro_shards={micro_shards}"
-      )
-    shards = jax.tree.map(
-      lambda x: x.reshape(micro_shards, size // micro_shards, *x.shape[1:]), batch
+  size = batch_size(tree, who=who)
+  if size % micro_shards:
+    raise ValueError(
+      f"{who}: the batch size {size} must be divisible by micro_shards={micro_shards} "
+      f"(each micro-shard gets batch size / micro_shards examples); choose "
+      f"micro_shards among the divisors of {size}"
     )
-    ascent_state = ascent.init(params)
+  return jax.tree.map(
+    lambda x: jnp.reshape(x, (micro_shards, size // micro_shards, *np.shape(x)[1:])), tree
+  )
 
-    def one(shard):
-      grad = jax.grad(lambda p: jnp.mean(fn(p, shard)))
-      eps, _ = ascent.update(grad(params), ascent_state, params)
-      return grad(optax.apply_updates(params, eps))
 
-    per_shard = jax.vmap(one)(shards)
-    # A contraction with 1/k, not jnp.mean: jax 0.10's CPU backend runs that reduce
-    # through a slow path (74 ms vs 1 ms for k = 16 in benchmarks/scaling.py).
-    weights = jnp.full((micro_shards,), 1.0 / micro_shards)
-    return jax.tree.map(
-      lambda h: jnp.tensordot(weights.astype(h.dtype), h, axes=1).astype(h.dtype), per_shard
-    )
+def mean_over_micro_shards(tree: Any) -> Any:
+  """Averages every leaf over its leading (micro-shard) axis, keeping the leaf's dtype.
 
-  return evaluation
+  The sum is a contraction with a vector of ones, accumulated in float32 (or
+  wider), then divided by ``k``; not ``jnp.mean``: jax 0.10's CPU backend lowers a
+  reduction over the leading axis of a ``(k, n, m)`` array to a slow path (74 ms
+  against 1 ms for ``k = 16`` in ``benchmarks/scaling.py``).
+
+  >>> mean_over_micro_shards({"w": jnp.array([[1.0, 2.0], [3.0, 6.0]])})["w"]
+  Array([2., 4.], dtype=float32)
+  """
+
+  def leaf(x):
+    acc = numerics.accumulation_dtype(x.dtype)
+    ones = jnp.ones((x.shape[0],), x.dtype)
+    total = jnp.tensordot(ones, x, axes=1, preferred_element_type=acc)
+    return (total / jnp.asarray(x.shape[0], acc)).astype(x.dtype)
+
+  return jax.tree.map(leaf, tree)

@@ -164,6 +164,7 @@ def sam_on(
   ball: ascent_blocks.Ball = "l2",
   axis_name: str | None = None,
   sync_ascent: Any = True,
+  micro_shards: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SAM-ON: perturb only the normalization layers, update every parameter.
 
@@ -211,6 +212,10 @@ def sam_on(
     ball: ``"l2"`` or ``"linf"``.
     axis_name: the data-parallel axis under ``pmap`` / ``shard_map``.
     sync_ascent: which devices share one ``eps`` (see :func:`samx.sharpness_aware`).
+    micro_shards: ``k`` >= 1 micro-shards of the local batch (``None``: 1), one
+      ``eps`` each, on the same selection, normalised over the selected entries of
+      that shard's gradient (see :func:`samx.sharpness_aware`; ``k > 1`` needs the
+      per-example contract).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -261,5 +266,6 @@ def sam_on(
     masked_ascent(block, selection, norm_scope="selected"),
     axis_name=axis_name,
     sync_ascent=sync_ascent,
+    micro_shards=micro_shards,
     name="samx.sam_on",
   )

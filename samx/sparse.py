@@ -755,6 +755,7 @@ def ssam(
   eps: float = 1e-12,
   axis_name: Any = None,
   sync_ascent: Any = True,
+  micro_shards: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sparse SAM: perturb a binary mask of the parameters, normalised by the full gradient.
 
@@ -803,6 +804,13 @@ def ssam(
     axis_name: the data-parallel axis under ``pmap`` / ``shard_map``; the Fisher
       information is summed over the devices that share ``eps``.
     sync_ascent: which devices share one ``eps`` (see :func:`samx.sharpness_aware`).
+    micro_shards: ``k`` >= 1 micro-shards of the local batch (``None``: 1), each
+      with its own ``eps`` and its own mask. A shard's Fisher mask comes from the
+      first ``num_samples`` examples of that shard (so ``num_samples`` <= batch /
+      ``k``); a shard's dynamic mask drops by that shard's gradient. Under the
+      ``vmap`` over shards the refresh condition becomes a select, so the refresh
+      (for Fisher masks, the per-example gradients) is computed on every step.
+      See :func:`samx.sharpness_aware`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -859,5 +867,6 @@ def ssam(
     evaluation=_perturbed_gradient,
     axis_name=axis_name,
     sync_ascent=sync_ascent,
+    micro_shards=micro_shards,
     name="samx.ssam",
   )

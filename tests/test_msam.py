@@ -28,7 +28,7 @@ def global_batches(steps=STEPS, batch=32):
 per_example_loss = helpers.per_example_loss
 
 
-def np_msam_step(params, batch, shards):
+def np_msam_step(params, batch, shards, rho=RHO):
   """One mSAM step with plain SGD: the batch split in order into ``shards`` parts."""
   x, y = batch
   size = x.shape[0] // shards
@@ -37,16 +37,17 @@ def np_msam_step(params, batch, shards):
     shard = (x[i * size : (i + 1) * size], y[i * size : (i + 1) * size])
     g = helpers.grad_numpy(params, shard)
     norm = helpers.np_norm(g)
-    e = {k: RHO * v / (norm + 1e-12) for k, v in g.items()}
+    e = {k: rho * v / (norm + 1e-12) for k, v in g.items()}
     per_shard.append(helpers.grad_numpy({k: params[k] + e[k] for k in params}, shard))
   mean = {k: np.mean([h[k] for h in per_shard], axis=0) for k in params}
   return {k: params[k] - LR * mean[k] for k in params}
 
 
-def np_msam_run(params, batches, shards):
+def np_msam_run(params, batches, shards, rhos=None):
   params = helpers.to_numpy(params)
-  for batch in batches:
-    params = np_msam_step(params, helpers.to_numpy(batch), shards)
+  rhos = [RHO] * len(batches) if rhos is None else rhos
+  for batch, rho in zip(batches, rhos, strict=True):
+    params = np_msam_step(params, helpers.to_numpy(batch), shards, rho)
   return params
 
 
@@ -89,6 +90,20 @@ def test_micro_shards_match_the_shard_by_shard_reference(micro_shards):
     for batch in batches:
       actual, state = step(actual, state, batch)
   assert helpers.relative_error(actual, expected) < 1e-5
+
+
+def test_rho_schedule_with_micro_shards_follows_each_shards_step_count():
+  # Each micro-shard keeps its own ascent state, so a schedule sees the step count.
+  params, batches = _setup()
+  schedule = optax.linear_schedule(RHO, 4 * RHO, transition_steps=STEPS - 1)
+  expected = np_msam_run(params, batches, 4, rhos=[float(schedule(t)) for t in range(STEPS)])
+  tx = samx.msam(optax.sgd(LR), rho=schedule, micro_shards=4)
+  step = jax.jit(_per_example_step(tx))
+  actual, state = params, tx.init(params)
+  for batch in batches:
+    actual, state = step(actual, state, batch)
+  assert helpers.relative_error(actual, expected) < 1e-5
+  assert state.ascent_state.count.tolist() == [STEPS] * 4
 
 
 def test_one_shard_is_sam():
@@ -187,9 +202,14 @@ def test_per_device_eps_needs_one_all_reduce_and_synced_sam_two():
   [
     (lambda: samx.msam(optax.sgd(LR), micro_shards=0), ValueError, "micro_shards must be"),
     (
-      lambda: samx.msam(optax.sgd(LR), micro_shards=2, rho=optax.constant_schedule(0.1)),
+      lambda: samx.msam(optax.sgd(LR), micro_shards=2.0),
+      TypeError,
+      "micro_shards must be an integer >= 1",
+    ),
+    (
+      lambda: samx.msam(optax.sgd(LR), axis_name="d", sync_ascent=True, micro_shards=2),
       ValueError,
-      "rho must be a number or a per-leaf pytree",
+      "sync_ascent must be False; got sync_ascent=True",
     ),
     (
       lambda: samx.msam(optax.sgd(LR), axis_name="d", sync_ascent="x"),
