@@ -64,6 +64,7 @@ from samx.evaluation import (
 )
 from samx.flax_integration import apply_gradients, linen_grad_fn, nnx_grad_fn
 from samx.masks import norm_layers, random_entries, weight_leaves
+from samx.nonfinite import SkipNonfiniteState, skip_nonfinite
 from samx.pipeline import SharpnessAwareState, sharpness_aware
 from samx.selective import mask_perturbation, masked_ascent
 from samx.sparse import (
@@ -92,6 +93,7 @@ __all__ = [
   "SharpnessAwareState",
   "SharpnessDirection",
   "SharpnessStepState",
+  "SkipNonfiniteState",
   "VaSSODirectionState",
   "add_sharpness_step",
   "apply_gradients",
@@ -136,6 +138,7 @@ __all__ = [
   "scale_by_weight_magnitude",
   "selective",
   "sharpness_aware",
+  "skip_nonfinite",
   "sparse",
   "ssam",
   "structured_mask",

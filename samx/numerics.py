@@ -53,7 +53,15 @@ def safe_inverse(denominator: jax.Array) -> jax.Array:
 def cast_tree_like(tree, reference):
   """Casts every leaf of ``tree`` to the dtype of the matching ``reference`` leaf.
 
+  The two trees must have the same structure (a ``ValueError`` shows both).
+
   >>> cast_tree_like([jnp.ones(2)], [jnp.zeros(2, jnp.bfloat16)])[0].dtype
   dtype(bfloat16)
   """
+  structure, reference_structure = jax.tree.structure(tree), jax.tree.structure(reference)
+  if structure != reference_structure:
+    raise ValueError(
+      "tree and reference must have the same tree structure.\n"
+      f"  tree:      {structure}\n  reference: {reference_structure}"
+    )
   return jax.tree.map(lambda x, r: jnp.asarray(x, jnp.result_type(r)), tree, reference)
