@@ -89,6 +89,7 @@ def hvp(loss_fn: Callable[[Any], Any], params: Any, vector: Any) -> Any:
   >>> hvp(loss, jnp.zeros(2), jnp.array([1.0, 1.0]))
   Array([3., 1.], dtype=float32)
   """
+  checks.check_same_structure("vector", vector, "params", params)
   return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
 
 
@@ -314,6 +315,7 @@ def gradient_alignment(
   >>> float(out["gradient"]), float(out["sam_gradient"])
   (1.0, 1.0)
   """
+  checks.check_same_structure("eigenvector", eigenvector, "params", params)
   _check_scalar_loss(loss_fn, params)
   grad = jax.grad(loss_fn)(params)
   scale = rho * numerics.safe_inverse(numerics.global_norm(grad) + eps)
@@ -511,6 +513,8 @@ def filter_normalized_direction(params: Any, key: jax.Array, *, ignore_1d: bool 
     Li et al., `Visualizing the Loss Landscape of Neural Nets
     <https://arxiv.org/abs/1712.09913>`_, 2018
   """
+  if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
+    raise TypeError(f"key must be a PRNG key from jax.random.key(seed); got key={key!r}")
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, max(len(leaves), 1))
 
@@ -641,6 +645,12 @@ def plot_loss_slice(alphas: Any, values: Any, betas: Any = None, *, ax: Any = No
     import matplotlib.pyplot as plt
   except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("plot_loss_slice needs matplotlib: pip install 'samx[examples]'") from err
+  expected = (len(alphas),) if betas is None else (len(alphas), len(betas))
+  if np.shape(values) != expected:
+    raise ValueError(
+      f"values must have shape {expected} (one loss per alpha"
+      f"{'' if betas is None else ' and beta'}); got shape {np.shape(values)}"
+    )
   if ax is None:
     _, ax = plt.subplots(figsize=(5, 4))
   values = np.asarray(values)
@@ -679,6 +689,11 @@ def nnx_loss(model: Any, loss_fn: Callable[..., Any], *args: Any, wrt: Any = Non
   """
   from flax import nnx
 
+  if not isinstance(model, nnx.Module):
+    raise TypeError(
+      f"model must be a Flax NNX module; got {type(model).__name__}. For linen params "
+      "use loss_fn(params) directly"
+    )
   wrt = nnx.Param if wrt is None else wrt
   graphdef, params, rest = nnx.split(model, wrt, ...)
   params, rest = nnx.as_pure(params), nnx.as_pure(rest)

@@ -140,6 +140,12 @@ def linen_grad_fn(
   >>> jax.tree.map(jnp.shape, grad_fn(params))
   {'bias': (1,), 'kernel': (2, 1)}
   """
+  for name, fn in (("apply_fn", apply_fn), ("loss_fn", loss_fn)):
+    if not callable(fn):
+      raise TypeError(
+        f"linen_grad_fn: {name} must be callable; got {type(fn).__name__}. Call it as "
+        "linen_grad_fn(state.apply_fn, loss_fn, inputs, targets)"
+      )
   collections = dict(collections or {})
 
   def loss_of_params(params):

@@ -193,6 +193,15 @@ def _split_like(flat: jax.Array, leaves: list[Any]) -> list[jax.Array]:
   return out
 
 
+def _check_concrete_k(k: Any, size: int) -> None:
+  """Checks a concrete (not traced) ``k`` against ``0 <= k <= size``."""
+  if isinstance(k, jax.core.Tracer):
+    return
+  value = np.asarray(k)
+  if value.shape != () or not 0 <= value <= size:
+    raise ValueError(f"k must be an integer with 0 <= k <= {size}; got k={k!r}")
+
+
 def top_k_mask(scores: Any, k: Any) -> Any:
   r"""The ``k`` largest entries over all leaves of ``scores`` (the unstructured pattern).
 
@@ -214,6 +223,7 @@ def top_k_mask(scores: Any, k: Any) -> Any:
   {'a': Array([ True,  True], dtype=bool), 'b': Array([False,  True], dtype=bool)}
   """
   leaves, treedef = jax.tree.flatten(scores)
+  _check_concrete_k(k, sum(int(np.size(x)) for x in leaves))
   flat = _concat(leaves)
   order = jnp.argsort(-flat, stable=True)
   keep = jnp.zeros(flat.shape, bool).at[order].set(jnp.arange(flat.size) < k)
@@ -238,6 +248,7 @@ def structured_mask(scores: Any, k: Any) -> Any:
   {'a': True, 'b': True, 'c': False}
   """
   leaves, treedef = jax.tree.flatten(scores)
+  _check_concrete_k(k, sum(int(np.size(x)) for x in leaves))
   means = jnp.stack([jnp.mean(jnp.asarray(x, jnp.float32)) for x in leaves])
   sizes = jnp.asarray([int(np.size(x)) for x in leaves], jnp.int32)
   order = jnp.argsort(-means, stable=True)

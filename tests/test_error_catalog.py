@@ -730,9 +730,6 @@ CATALOG = [
     lambda: samx.top_k_mask({"k": jnp.ones(3)}, 5),
     ValueError,
     r"k must be .*0 <= k <= 3.*k=5",
-    fix="samx/sparse.py top_k_mask: check a concrete (not traced) k against 0 <= k <= size "
-    "and raise ValueError(f'k must be an integer with 0 <= k <= {size}; got k={k}'); today "
-    "k=5 silently keeps all 3 entries",
   ),
   Misuse(
     "structured_mask",
@@ -740,8 +737,6 @@ CATALOG = [
     lambda: samx.structured_mask({"k": jnp.ones(3)}, -1),
     ValueError,
     r"k must be .*0 <= k <= 3.*k=-1",
-    fix="samx/sparse.py structured_mask: the same concrete-k check as top_k_mask; today "
-    "k=-1 silently selects nothing",
   ),
   # ---------------------------------------------------------------- masks
   Misuse(
@@ -860,10 +855,6 @@ CATALOG = [
     lambda: samx.linen_grad_fn(None, lambda o, t: 0.0, 1.0, 1.0),
     TypeError,
     r"apply_fn must be callable",
-    fix="samx/flax_integration.py linen_grad_fn: check callable(apply_fn) and "
-    "callable(loss_fn) when grad_fn is built and raise TypeError naming the argument and "
-    "the call linen_grad_fn(state.apply_fn, loss_fn, inputs, targets); today nothing is "
-    "checked and the first grad_fn call fails with \"'NoneType' object is not callable\"",
   ),
   Misuse(
     "apply_gradients",
@@ -981,8 +972,6 @@ CATALOG = [
     lambda: diagnostics.hvp(LOSS, PARAMS, {"w": jnp.ones((2, 3))}),
     ValueError,
     r"vector and params must have the same tree structure",
-    fix="samx/diagnostics.py hvp: call checks.check_same_structure('vector', vector, "
-    "'params', params) first; today jax.jvp raises a TypeError about primals and tangents",
   ),
   Misuse(
     "diagnostics.gradient_alignment",
@@ -990,9 +979,6 @@ CATALOG = [
     lambda: diagnostics.gradient_alignment(LOSS, PARAMS, {"w": jnp.ones((2, 3))}),
     ValueError,
     r"eigenvector and params must have the same tree structure",
-    fix="samx/diagnostics.py gradient_alignment: call checks.check_same_structure("
-    "'eigenvector', eigenvector, 'params', params); today the flattened vectors of "
-    "different lengths meet in jnp.vdot",
   ),
   Misuse(
     "diagnostics.filter_normalized_direction",
@@ -1000,9 +986,6 @@ CATALOG = [
     lambda: diagnostics.filter_normalized_direction(PARAMS, 0),
     TypeError,
     r"key must be a (PRNG|jax\.random) key",
-    fix="samx/diagnostics.py filter_normalized_direction: accept an int seed "
-    "(jax.random.key(seed)) or raise TypeError('key must be a PRNG key from "
-    "jax.random.key(seed); got key=0'); today JAX reports 'invalid PRNG key data'",
   ),
   Misuse(
     "diagnostics.nnx_loss",
@@ -1010,9 +993,6 @@ CATALOG = [
     lambda: diagnostics.nnx_loss({"params": PARAMS}, lambda m: 0.0),
     TypeError,
     r"model must be (a Flax )?(NNX|nnx)",
-    fix="samx/diagnostics.py nnx_loss: check isinstance(model, nnx.Module) and raise "
-    "TypeError('model must be a Flax NNX module; for linen params use loss_fn(params) "
-    "directly'); today a dict is split silently into an empty parameter state",
   ),
   Misuse(
     "diagnostics.plot_loss_slice",
@@ -1020,9 +1000,6 @@ CATALOG = [
     lambda: diagnostics.plot_loss_slice(jnp.zeros(3), jnp.zeros(3), jnp.zeros(2)),
     ValueError,
     r"values must have shape \(3, 2\)",
-    fix="samx/diagnostics.py plot_loss_slice: check values.shape == (len(alphas),) or "
-    "(len(alphas), len(betas)) and name the expected shape; today matplotlib's contour "
-    "raises about its own arguments",
   ),
 ]
 
