@@ -405,6 +405,36 @@ def targets(results: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def plot(results: list[dict[str, Any]], path: str) -> str:
+  """Bars of step time over SGD (median, IQR as error bars), one panel per model."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(
+    len(results), 1, figsize=(9, 2.8 * len(results)), squeeze=False, constrained_layout=True
+  )
+  for ax, res in zip(axes[:, 0], results, strict=True):
+    kinds = list(res["kinds"])
+    stats = [res["kinds"][k]["wall_over_sgd"] for k in kinds]
+    medians = [s["median"] for s in stats]
+    errors = [
+      [m - s["q25"] for m, s in zip(medians, stats, strict=True)],
+      [s["q75"] - m for m, s in zip(medians, stats, strict=True)],
+    ]
+    colors = ["tab:gray" if k in REFERENCES else "tab:blue" for k in kinds]
+    ax.bar(kinds, medians, yerr=errors, color=colors, capsize=2)
+    ax.axhline(2.0, color="tab:red", lw=0.8, ls="--", label="2x SGD")
+    ax.set_ylabel("step time / SGD")
+    ax.set_title(f"{res['model']}: {res['description']}, batch {res['batch_size']}", fontsize=9)
+    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    ax.legend(fontsize=8)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="the 'quick' preset")
@@ -421,7 +451,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--warmup", type=int, default=None, help="untimed rounds")
   parser.add_argument("--compile-repeats", type=int, default=1)
   parser.add_argument("--json", metavar="PATH", help="save the results as JSON")
-  parser.add_argument("--out", metavar="DIR", help="write speed.json and speed.md there")
+  parser.add_argument(
+    "--out", metavar="DIR", help="write speed.json, speed.md and speed.png there"
+  )
   parser.add_argument("--quiet", action="store_true", help="no progress lines")
   args = parser.parse_args(argv)
 
@@ -496,6 +528,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.out:
     with open(os.path.join(args.out, "speed.md"), "w") as f:
       f.write(header + "\n" + text + "\n")
+    paths.append(plot(results, os.path.join(args.out, "speed.png")))
   for path in paths:
     print(f"saved {path}")
   return report

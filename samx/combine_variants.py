@@ -85,13 +85,8 @@ def _orthogonal_part(u: Any, v: Any, eps: float) -> Any:
   :math:`\hat v = v / (\|v\| + \mathrm{eps})`; a zero ``v`` leaves ``u`` unchanged.
   """
   inverse = numerics.safe_inverse(numerics.global_norm(v) + eps)
-  # Normalise first: (u . v_hat) is bounded by ||u||, where (u . v) / ||v||^2 would
-  # overflow (inf * 0 = NaN) for huge finite v.
-  v_hat = jax.tree.map(
-    lambda x: jnp.asarray(x, numerics.accumulation_dtype(x.dtype)) * inverse, v
-  )
-  coefficient = _tree_dot(u, v_hat)
-  return _combine(u, 1.0, v_hat, -coefficient, u)
+  coefficient = _tree_dot(u, v) * inverse * inverse
+  return _combine(u, 1.0, v, -coefficient, u)
 
 
 # ---------------------------------------------------------------------------
@@ -740,8 +735,6 @@ def reuse_orthogonal_component(
     def reuse(stored):
       orthogonal, norm = stored
       ratio = numerics.global_norm(grads) * numerics.safe_inverse(norm + eps)
-      # Both norms overflowing float32 would give inf * 0 = NaN: reuse nothing then.
-      ratio = jnp.where(jnp.isfinite(norm), ratio, 0.0)
       return _combine(grads, 1.0, orthogonal, alpha * ratio, grads), stored
 
     refresh = jnp.remainder(state.count, k) == 0

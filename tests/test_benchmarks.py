@@ -54,6 +54,7 @@ def test_speed_benchmark_schema(tmp_path):
   # The three SAM implementations computed the same first step.
   assert max(result["max_abs_param_diff"].values()) < 1e-6
   assert (tmp_path / "speed.md").read_text().count("| sam |") == 1
+  assert (tmp_path / "speed.png").stat().st_size > 0
 
 
 def test_speed_benchmark_rejects_unknown_names():
