@@ -54,6 +54,18 @@ ALL = {**OPTIMIZERS, **BLOCKS}
 # Structural integer/callable settings that inject_hyperparams must not turn into arrays.
 STATIC_ARGS = ("micro_shards", "mask")
 
+# The checks below that take one registered name, in the order other files run them
+# (their first entries are the cheapest subset).
+NAMED_CHECKS = [
+  "test_unknown_extra_args_and_no_recompilation",
+  "test_inject_hyperparams_gives_identical_results",
+  "test_state_stable_through_lax_cond",
+  "test_inside_multi_steps",
+  "test_map_params",
+  "test_inside_optax_chain",
+  "test_schedules_accepted_for_rho",
+]
+
 
 def _problem(dtype=jnp.float32):
   params, batch = helpers.make_problem(0)

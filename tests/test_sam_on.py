@@ -446,15 +446,7 @@ def registered(monkeypatch):
   conformance.register(monkeypatch, optimizers=CONFORMANCE)
 
 
-CHECKS = [
-  "test_unknown_extra_args_and_no_recompilation",
-  "test_inject_hyperparams_gives_identical_results",
-  "test_state_stable_through_lax_cond",
-  "test_inside_multi_steps",
-  "test_map_params",
-  "test_inside_optax_chain",
-  "test_schedules_accepted_for_rho",
-]
+CHECKS = conformance.NAMED_CHECKS
 
 
 # Both cases share the plumbing; the second runs the checks where its state matters.

@@ -611,15 +611,7 @@ def registered(monkeypatch):
   conformance.register(monkeypatch, optimizers=CONFORMANCE, per_example=("ssam_fisher",))
 
 
-CHECKS = [
-  "test_unknown_extra_args_and_no_recompilation",
-  "test_inject_hyperparams_gives_identical_results",
-  "test_state_stable_through_lax_cond",
-  "test_inside_multi_steps",
-  "test_map_params",
-  "test_inside_optax_chain",
-  "test_schedules_accepted_for_rho",
-]
+CHECKS = conformance.NAMED_CHECKS
 # The dynamic mask shares the Fisher mask's plumbing (the alias, the evaluation, the
 # refresh under lax.cond); the last checks run for the Fisher mask only.
 CONFORMANCE_CASES = [("ssam_fisher", check) for check in CHECKS] + [
