@@ -7,7 +7,7 @@ One ``update`` call is one training step::
                                  grad_fn=lambda p: jax.grad(loss_fn)(p, batch))
 """
 
-from samx import diagnostics, evaluation, masks, numerics, selective, sparse
+from samx import axes, diagnostics, evaluation, masks, numerics, selective, sparse
 from samx.aliases import (
   asam,
   esam,
@@ -98,6 +98,7 @@ __all__ = [
   "add_sharpness_step",
   "apply_gradients",
   "asam",
+  "axes",
   "axis_mean",
   "defer_ascent",
   "diagnostics",

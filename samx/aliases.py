@@ -196,11 +196,10 @@ def msam(
 
   Under ``jax.shard_map`` with replication checking (the default ``check_vma=True``),
   ``jax.grad`` of replicated parameters returns gradients already summed over the
-  devices, which would silently make the perturbation global. Take the clean
-  gradient with respect to ``jax.lax.pcast(params, axis_name, to="varying")`` to get
-  the local gradients (``grad_fn`` needs nothing: ``w + eps`` is already varying), or
-  use ``check_vma=False``. With ``micro_shards > 1`` samx takes the clean gradients
-  itself, with respect to varying parameters: nothing is needed.
+  devices. samx evaluates ``grad_fn`` at parameters cast to varying (so ``g_s`` is
+  per device) and refuses an invariant clean gradient: take it with respect to
+  ``jax.lax.pcast(params, axis_name, to="varying")`` (see :mod:`samx.axes`). With
+  ``micro_shards > 1`` samx takes the clean gradients itself: nothing is needed.
 
   Gradient accumulation is mSAM with ``m`` = the micro-batch: put samx *before*
   :class:`optax.MultiSteps`, so every micro-step computes its own SAM gradient and

@@ -22,9 +22,10 @@ class Combination(NamedTuple):
   Attributes:
     init: ``init(params) -> state``.
     update: ``update(grads, evaluate, state, params) -> (direction, state)``, where
-      ``grads`` is :math:`g = \\nabla L(w)` (averaged over the axis when the ascent
-      is synced) and ``evaluate()`` returns :math:`g_s = \\nabla L(w+\\epsilon)`
-      (averaged over the axis). A combination that reuses stored information may
+      ``grads`` is :math:`g = \\nabla L(w)` and ``evaluate()`` returns
+      :math:`g_s = \\nabla L(w+\\epsilon)`, both averaged over the data-parallel
+      axis by :func:`samx.sharpness_aware` (whatever ``sync_ascent`` is), so a
+      combination never takes ``axis_name``. A combination that reuses stored information may
       skip the call (inside :func:`jax.lax.cond`, so the pass is really skipped).
   """
 

@@ -14,9 +14,9 @@ descent direction) plus a one-call alias that plugs it into
   stored component of ``g_s`` orthogonal to ``g`` in between;
   :func:`defer_ascent` moves the ascent into that branch too.
 
-Every combination takes ``axis_name``: the aliases pass it when
-``sync_ascent=False``, where ``g`` is the device's own gradient, so that ``g`` is
-averaged before it enters the direction and every device descends alike.
+No combination takes ``axis_name``: :func:`samx.sharpness_aware` hands every
+combination ``g`` and ``g_s`` already averaged over the data-parallel axis, whatever
+``sync_ascent`` is, so every device descends alike (see :mod:`samx.axes`).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from samx import checks, numerics
+from samx import axes, checks, numerics
 from samx.ascent import Ball, scale_by_sam
 from samx.combination import Combination
-from samx.evaluation import Evaluation, axis_mean, gradient_at_perturbed
+from samx.evaluation import Evaluation, gradient_at_perturbed
 from samx.pipeline import sharpness_aware
 
 __all__ = [
@@ -57,13 +57,18 @@ __all__ = [
 
 
 def _tree_dot(a: Any, b: Any) -> jax.Array:
-  """The inner product over all leaves, accumulated in float32 or wider."""
+  """The inner product over all leaves, accumulated in float32 or wider.
+
+  An elementwise product and a full sum per leaf, not ``jnp.vdot``: on an Explicit
+  mesh a contraction over a dimension sharded in both operands has no output
+  sharding to infer, while a reduction of a sharded array is a replicated scalar.
+  """
   leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
   if not leaves_a:
     return jnp.zeros((), jnp.float32)
   dtype = numerics.accumulation_dtype(jnp.result_type(*leaves_a, *leaves_b))
   return sum(
-    jnp.vdot(jnp.asarray(x, dtype), jnp.asarray(y, dtype))
+    jnp.sum(jnp.conj(jnp.asarray(x, dtype)) * jnp.asarray(y, dtype))
     for x, y in zip(leaves_a, leaves_b, strict=True)
   )
 
@@ -153,7 +158,6 @@ def surrogate_gap_guided(
   *,
   minimize_fp: bool = True,
   eps: float = 1e-12,
-  axis_name: str | None = None,
 ) -> Combination:
   r"""GSAM's combination: decompose one gradient along the other, step against the gap.
 
@@ -178,8 +182,6 @@ def surrogate_gap_guided(
     alpha: :math:`\alpha` >= 0, the weight of the orthogonal component.
     minimize_fp: which of the two forms above.
     eps: the stabiliser in the normalisations, > 0.
-    axis_name: average ``g`` over this axis before combining (for pipelines with
-      ``sync_ascent=False``, where ``g`` is the device's own gradient).
 
   Returns:
     A :class:`samx.Combination` without state.
@@ -203,7 +205,6 @@ def surrogate_gap_guided(
 
   def update(grads, evaluate, state, params):
     del params
-    grads = axis_mean(grads, axis_name)
     perturbed = numerics.cast_tree_like(evaluate(), grads)
     if minimize_fp:
       vertical = _orthogonal_part(grads, perturbed, eps)
@@ -283,9 +284,7 @@ def gsam(
   return sharpness_aware(
     optimizer,
     scale_by_sam(rho, eps=eps, ball=ball),
-    combination=surrogate_gap_guided(
-      alpha, minimize_fp=minimize_fp, eps=eps, axis_name=None if sync_ascent else axis_name
-    ),
+    combination=surrogate_gap_guided(alpha, minimize_fp=minimize_fp, eps=eps),
     axis_name=axis_name,
     sync_ascent=sync_ascent,
     micro_shards=micro_shards,
@@ -331,7 +330,6 @@ def weighted_sharpness(
   gamma: Any = 0.9,
   *,
   decouple: bool = False,
-  axis_name: str | None = None,
 ) -> Combination:
   r"""WSAM's combination: the sharpness :math:`g_s - g` weighted by :math:`\alpha`.
 
@@ -349,8 +347,6 @@ def weighted_sharpness(
     gamma: :math:`\gamma` in [0, 1), the weight of sharpness in the objective
       :math:`L + \frac{\gamma}{1-\gamma}(L_{\max} - L)`.
     decouple: return :class:`SharpnessDirection` instead of one direction.
-    axis_name: average ``g`` over this axis before combining (for pipelines with
-      ``sync_ascent=False``).
 
   Returns:
     A :class:`samx.Combination` without state.
@@ -372,7 +368,6 @@ def weighted_sharpness(
 
   def update(grads, evaluate, state, params):
     del params
-    grads = axis_mean(grads, axis_name)
     perturbed = numerics.cast_tree_like(evaluate(), grads)
     alpha = _sharpness_weight(gamma)
     if decouple:
@@ -540,9 +535,7 @@ def wsam(
     Yue et al., `Sharpness-Aware Minimization Revisited: Weighted Sharpness as a
     Regularization Term <https://arxiv.org/abs/2305.15817>`_, 2023
   """
-  combination = weighted_sharpness(
-    gamma, decouple=decouple, axis_name=None if sync_ascent else axis_name
-  )
+  combination = weighted_sharpness(gamma, decouple=decouple)
   if decouple:
     optimizer = add_sharpness_step(optimizer, learning_rate)
   elif learning_rate is not None:
@@ -662,7 +655,6 @@ def reuse_orthogonal_component(
   alpha: Any = 0.7,
   *,
   eps: float = 1e-12,
-  axis_name: str | None = None,
 ) -> Combination:
   r"""LookSAM's combination: evaluate ``g_s`` every ``k`` steps, reuse it in between.
 
@@ -688,8 +680,6 @@ def reuse_orthogonal_component(
       under :func:`optax.inject_hyperparams`).
     alpha: :math:`\alpha` >= 0, the weight of the reused component.
     eps: the stabiliser in the normalisations, > 0.
-    axis_name: average ``g`` over this axis before combining (for pipelines with
-      ``sync_ascent=False``).
 
   Returns:
     A :class:`samx.Combination` with state :class:`LookSAMState`.
@@ -719,18 +709,20 @@ def reuse_orthogonal_component(
     norm_dtype = numerics.accumulation_dtype(widest)
     return LookSAMState(
       count=jnp.zeros([], jnp.int32),
-      orthogonal=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params),
+      orthogonal=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.result_type(p)), params),
       orthogonal_norm=jnp.zeros([], norm_dtype),
     )
 
   def update(grads, evaluate, state, params):
     del params
-    grads = axis_mean(grads, axis_name)
 
     def evaluate_and_store(stored):
       perturbed = numerics.cast_tree_like(evaluate(), grads)
       orthogonal = numerics.cast_tree_like(_orthogonal_part(perturbed, grads, eps), stored[0])
-      return perturbed, (orthogonal, numerics.global_norm(orthogonal).astype(stored[1].dtype))
+      # Both branches keep the typed sharding of g and of the stored state (Explicit mesh).
+      orthogonal = axes.sharded_like(orthogonal, stored[0])
+      norm = numerics.global_norm(orthogonal).astype(stored[1].dtype)
+      return axes.sharded_like(perturbed, grads), (orthogonal, norm)
 
     def reuse(stored):
       orthogonal, norm = stored
@@ -825,9 +817,7 @@ def looksam(
     optimizer,
     ascent,
     evaluation=evaluation,
-    combination=reuse_orthogonal_component(
-      k, alpha, eps=eps, axis_name=None if sync_ascent else axis_name
-    ),
+    combination=reuse_orthogonal_component(k, alpha, eps=eps),
     axis_name=axis_name,
     sync_ascent=sync_ascent,
     micro_shards=micro_shards,

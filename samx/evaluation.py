@@ -58,6 +58,7 @@ import numpy as np
 import optax
 
 from samx import checks, numerics
+from samx.axes import axis_mean, varying_along
 
 __all__ = [
   "CONTRACT_ARGS",
@@ -84,80 +85,6 @@ PER_EXAMPLE_CALL = (
   "                                   per_example_loss_fn=per_example_loss_fn, batch=batch)\n"
   "with per_example_loss_fn(params, batch) -> losses of shape (B,)"
 )
-
-
-def axis_mean(tree: Any, axis_name: str | None) -> Any:
-  """Averages ``tree`` over the named axis; the identity when ``axis_name`` is None.
-
-  Raises a clear error when the axis is not bound (the step is not running under
-  ``pmap`` / ``shard_map`` with that axis name).
-
-  Args:
-    tree: the pytree to average.
-    axis_name: the named axis, or ``None``.
-
-  Returns:
-    The average over the axis (the same on every device).
-
-  >>> import jax, jax.numpy as jnp
-  >>> jax.vmap(lambda x: axis_mean(x, "i"), axis_name="i")(jnp.array([1.0, 3.0]))
-  Array([2., 2.], dtype=float32)
-  """
-  if axis_name is None:
-    return tree
-  try:
-    return jax.lax.pmean(tree, axis_name)
-  except NameError as err:
-    raise _unbound(axis_name, err) from None
-
-
-def _unbound(axis_name: Any, err: Exception) -> NameError:
-  return NameError(
-    f"axis_name={axis_name!r} is not bound here: run the training step under "
-    f"jax.pmap(..., axis_name={axis_name!r}) or jax.shard_map over a mesh with that "
-    "axis, or pass axis_name=None under plain jax.jit (sharded arrays need no axis "
-    f"name). ({err})"
-  )
-
-
-def varying_along(tree: Any, axis_name: str | tuple[str, ...] | None) -> Any:
-  """Casts ``tree`` to varying along ``axis_name`` where it is not varying yet.
-
-  Under :func:`jax.shard_map` with replication checking (``check_vma=True``),
-  :func:`jax.grad` with respect to replicated parameters returns the gradient
-  summed over the devices; with respect to varying ones, the device's own. Where
-  there is nothing to cast (``pmap``, ``check_vma=False``, a ``vmap`` axis, values
-  already varying) the tree is returned as it is; ``axis_name=None`` is the
-  identity.
-
-  Args:
-    tree: the pytree to cast (the parameters).
-    axis_name: a named axis, a tuple of them, or ``None``.
-
-  Returns:
-    ``tree``, varying along every axis of ``axis_name``.
-
-  >>> import jax, jax.numpy as jnp
-  >>> x = jnp.array([1.0, 2.0])
-  >>> jax.vmap(lambda v: jax.grad(lambda w: w * v)(varying_along(1.0, "i")),
-  ...          axis_name="i")(x)
-  Array([1., 2.], dtype=float32, weak_type=True)
-  """
-  if axis_name is None:
-    return tree
-  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-
-  def leaf(x):
-    for name in names:
-      try:
-        x = jax.lax.pcast(x, name, to="varying")
-      except ValueError:  # already varying along name, or not under shard_map
-        pass
-      except NameError as err:
-        raise _unbound(axis_name, err) from None
-    return x
-
-  return jax.tree.map(leaf, tree)
 
 
 def perturbed_gradient(

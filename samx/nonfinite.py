@@ -50,6 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from samx import axes
+
 __all__ = ["SkipNonfiniteState", "all_finite", "skip_nonfinite"]
 
 
@@ -103,6 +105,15 @@ def _check_max_errors(max_consecutive_errors: Any) -> None:
 
 def _all_devices_finite(finite: jax.Array, axis_name: Any) -> jax.Array:
   if axis_name is None:
+    bound = axes.bound_data_axes()
+    if bound:
+      raise ValueError(
+        f"skip_nonfinite: the step runs under the named device axes {bound} (pmap or "
+        "shard_map) but axis_name=None, so a device that sees a NaN would skip its step "
+        "while the others apply theirs, and the replicas would drift apart silently. "
+        f"Pass the data-parallel axis: samx.skip_nonfinite(tx, axis_name={bound[0]!r}) "
+        "(every device then skips together)."
+      )
     return finite
   try:
     return jax.lax.pmin(finite.astype(jnp.int32), axis_name).astype(bool)
@@ -149,7 +160,9 @@ def skip_nonfinite(
       that a run that has diverged fails visibly instead of standing still.
     axis_name: under ``pmap`` / ``shard_map``, the data-parallel axis (or axes): a
       step is skipped on every device when it is non-finite on any, so replicas
-      stay identical.
+      stay identical. Required there: ``None`` under a bound device axis raises
+      (``None`` is for one device and for ``jax.jit`` over sharded arrays, where the
+      check is already global).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` with state

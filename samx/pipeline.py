@@ -14,19 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from samx import checks
+from samx import axes, checks
+from samx.axes import axis_mean
 from samx.combination import Combination, use_perturbed_gradient
 from samx.evaluation import (
   CONTRACT_ARGS,
   Evaluation,
-  axis_mean,
   batch_size,
   gradient_at_perturbed,
   mean_over_micro_shards,
   per_example_losses,
   require_per_example_contract,
   split_into_micro_shards,
-  varying_along,
 )
 
 __all__ = ["SharpnessAwareState", "sharpness_aware"]
@@ -159,6 +158,11 @@ def sharpness_aware(
   [-0.66, -0.88]
   """
   ascent_axes = _ascent_axes(sync_ascent, axis_name)
+  # The axes g still has to be averaged over after the ascent (a mean of group means).
+  rest_axes = tuple(
+    a for a in axes.axis_names(axis_name) if a not in axes.axis_names(ascent_axes)
+  )
+  rest_axes = rest_axes or None
   micro_shards = _check_micro_shards(micro_shards)
   if micro_shards > 1 and ascent_axes is not None:
     raise ValueError(
@@ -171,10 +175,17 @@ def sharpness_aware(
     evaluation = default_evaluation
   if combination is None:
     combination = use_perturbed_gradient()
+  fingerprint = axes.configuration_fingerprint(
+    name, optimizer, ascent, evaluation, combination, axis_name, sync_ascent, micro_shards
+  )
+  compared = []  # the configuration is compared across processes once, at the first init
   ascent = optax.with_extra_args_support(ascent)
   optimizer = optax.with_extra_args_support(optimizer)
 
   def init_fn(params):
+    if not compared:
+      axes.check_same_configuration_across_processes(fingerprint, who=name)
+      compared.append(True)
     ascent_state = ascent.init(params)
     if micro_shards > 1:
       ascent_state = jax.tree.map(
@@ -191,14 +202,17 @@ def sharpness_aware(
     if evaluation is default_evaluation:
       # Fail before any work, with the expected call, when the contract is not met.
       checks.require_grad_fn(extra_args.get("grad_fn"), name)
+    axes.require_per_device(updates, axis_name, what="the clean gradient (updates)", who=name)
+    local = axes.varying_along(params, axis_name)
     grads = axis_mean(updates, ascent_axes)
-    perturbation, ascent_state = ascent.update(grads, ascent_state, params, **extra_args)
+    perturbation, ascent_state = ascent.update(grads, ascent_state, local, **extra_args)
 
     def evaluate():
-      perturbed = evaluation(params, perturbation, who=name, **extra_args)
+      perturbed = evaluation(local, perturbation, who=name, **extra_args)
+      axes.require_per_device(perturbed, axis_name, what=_EVALUATED, who=name)
       return axis_mean(perturbed, axis_name)
 
-    return grads, ascent_state, evaluate
+    return axis_mean(grads, rest_axes), ascent_state, evaluate
 
   def micro_shard_stages(ascent_state, params, extra_args):
     """The ascent per micro-shard under ``vmap``; the thunk averages the ``h_i``."""
@@ -207,14 +221,18 @@ def sharpness_aware(
     shards = {"batch": split_into_micro_shards(batch, micro_shards, who=name)}
     if extra_args.get("losses") is not None:
       shards["losses"] = _split_losses(extra_args["losses"], batch, micro_shards, name)
-    local = varying_along(params, axis_name)
+    # On an Explicit mesh each micro-shard (sharded over the devices with the batch)
+    # needs whole params and its own slice of the ascent state.
+    local = axes.unsharded(axes.varying_along(params, axis_name))
+    incoming_state = ascent_state
+    ascent_state = axes.shard_leading_axis(ascent_state, axes.leading_axis_spec(shards))
 
     def shard_args(shard):
       def shard_loss(p):
         return jnp.mean(per_example_losses(loss_fn, p, shard["batch"], who=name))
 
       def grad_fn(p):
-        return jax.grad(shard_loss)(varying_along(p, axis_name))
+        return jax.grad(shard_loss)(axes.varying_along(p, axis_name))
 
       return {**extra_args, **shard, "grad_fn": grad_fn}
 
@@ -225,19 +243,25 @@ def sharpness_aware(
       return grads, perturbation, state
 
     shard_grads, perturbations, ascent_state = jax.vmap(ascend)(shards, ascent_state)
+    ascent_state = axes.sharded_like(ascent_state, incoming_state)
 
     def evaluate():
       def one(shard, perturbation):
         return evaluation(local, perturbation, who=name, **shard_args(shard))
 
       perturbed = jax.vmap(one)(shards, perturbations)
-      return axis_mean(mean_over_micro_shards(perturbed), axis_name)
+      axes.require_per_device(perturbed, axis_name, what=_EVALUATED, who=name)
+      return axes.sharded_like(axis_mean(mean_over_micro_shards(perturbed), axis_name), params)
 
-    return mean_over_micro_shards(shard_grads), ascent_state, evaluate
+    grads = axes.sharded_like(axis_mean(mean_over_micro_shards(shard_grads), axis_name), params)
+    return grads, ascent_state, evaluate
 
   def update_fn(updates, state, params=None, **extra_args):
     checks.require_params(params, name)
     checks.check_same_structure("grads", updates, "params", params)
+    axes.require_replicated(params, axis_name, who=name)
+    if axis_name is not None:
+      extra_args = _per_device_contract(extra_args, axis_name)
     if micro_shards > 1:
       grads, ascent_state, evaluate = micro_shard_stages(state.ascent_state, params, extra_args)
     else:
@@ -250,6 +274,26 @@ def sharpness_aware(
     return updates, SharpnessAwareState(ascent_state, combine_state, base_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_EVALUATED = "the gradient at the perturbed params (what grad_fn returned)"
+
+
+def _per_device_contract(extra_args: dict[str, Any], axis_name: Any) -> dict[str, Any]:
+  """``grad_fn`` evaluated at params cast to varying along ``axis_name``.
+
+  Under ``shard_map`` with replication checking the user's ``jax.grad(loss)(p, batch)``
+  then returns the device's own gradient whatever ``p`` samx passes (the cast is a
+  no-op elsewhere and for params that already vary).
+  """
+  grad_fn = extra_args.get("grad_fn")
+  if not callable(grad_fn):
+    return extra_args
+
+  def per_device_grad_fn(p):
+    return grad_fn(axes.varying_along(p, axis_name))
+
+  return {**extra_args, "grad_fn": per_device_grad_fn}
 
 
 def _check_micro_shards(micro_shards: Any) -> int:
@@ -280,20 +324,14 @@ def _split_losses(losses: Any, batch: Any, micro_shards: int, who: str) -> jax.A
   return split_into_micro_shards(losses, micro_shards, who=who)
 
 
-def _axis_names(axis_name: str | tuple[str, ...] | None) -> tuple[str, ...]:
-  if axis_name is None:
-    return ()
-  return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-
-
 def _ascent_axes(sync_ascent: Any, axis_name: Any) -> str | tuple[str, ...] | None:
   """The axes ``g`` is averaged over before the ascent (``None``: none)."""
   if sync_ascent is True:
     return axis_name
   if sync_ascent is False or sync_ascent is None:
     return None
-  wanted = _axis_names(sync_ascent)
-  if not wanted or not set(wanted) <= set(_axis_names(axis_name)):
+  wanted = axes.axis_names(sync_ascent)
+  if not wanted or not set(wanted) <= set(axes.axis_names(axis_name)):
     raise ValueError(
       "sync_ascent must be True, False, or axis names contained in axis_name; got "
       f"sync_ascent={sync_ascent!r} with axis_name={axis_name!r}"

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from samx import ascent as ascent_blocks
-from samx import checks, evaluation, masks, numerics
+from samx import axes, checks, evaluation, masks, numerics
 from samx.pipeline import sharpness_aware
 
 __all__ = [
@@ -224,10 +224,10 @@ def top_k_mask(scores: Any, k: Any) -> Any:
   """
   leaves, treedef = jax.tree.flatten(scores)
   _check_concrete_k(k, sum(int(np.size(x)) for x in leaves))
-  flat = _concat(leaves)
+  flat = _concat(axes.unsharded(leaves))  # an Explicit mesh refuses a sharded sort
   order = jnp.argsort(-flat, stable=True)
   keep = jnp.zeros(flat.shape, bool).at[order].set(jnp.arange(flat.size) < k)
-  return jax.tree.unflatten(treedef, _split_like(keep, leaves))
+  return axes.sharded_like(jax.tree.unflatten(treedef, _split_like(keep, leaves)), scores)
 
 
 def structured_mask(scores: Any, k: Any) -> Any:
@@ -255,8 +255,11 @@ def structured_mask(scores: Any, k: Any) -> Any:
   sorted_sizes = sizes[order]
   before = jnp.cumsum(sorted_sizes) - sorted_sizes
   on = jnp.zeros(len(leaves), bool).at[order].set(before < k)
-  return jax.tree.unflatten(
-    treedef, [jnp.broadcast_to(on[i], np.shape(x)) for i, x in enumerate(leaves)]
+  return axes.sharded_like(
+    jax.tree.unflatten(
+      treedef, [jnp.broadcast_to(on[i], np.shape(x)) for i, x in enumerate(leaves)]
+    ),
+    scores,
   )
 
 
@@ -285,7 +288,10 @@ def n_m_mask(scores: Any, n: int, m: int, *, input_axis: int = _DEFAULT_INPUT_AX
 
   def leaf(x):
     if jnp.ndim(x) < 2:
-      return jnp.ones(jnp.shape(x), bool)
+      return axes.sharded_like(jnp.ones(jnp.shape(x), bool), x)
+    return axes.sharded_like(groups_of(axes.unsharded(x)), x)
+
+  def groups_of(x):
     moved = jnp.moveaxis(x, input_axis, -1)
     channels = moved.shape[-1]
     if channels % m:
@@ -353,6 +359,7 @@ def fisher_information(
   if n % chunk:
     raise ValueError(f"{who}: chunk_size={chunk} must divide num_samples={n}")
   examples = jax.tree.map(lambda x: x[:n], batch)
+  like, params = params, axes.unsharded(params)  # per-example grads of FSDP params
 
   def squared_gradient(example):
     one = jax.tree.map(lambda x: x[None], example)
@@ -369,7 +376,7 @@ def fisher_information(
     )
 
   if chunk == n:
-    return chunk_sum(examples)
+    return axes.sharded_like(chunk_sum(examples), like)
   chunks = jax.tree.map(lambda x: x.reshape(n // chunk, chunk, *x.shape[1:]), examples)
   zeros = jax.tree.map(
     lambda p: jnp.zeros(jnp.shape(p), numerics.accumulation_dtype(jnp.result_type(p))), params
@@ -378,7 +385,7 @@ def fisher_information(
   def body(total, chunk_examples):
     return jax.tree.map(jnp.add, total, chunk_sum(chunk_examples)), None
 
-  return jax.lax.scan(body, zeros, chunks)[0]
+  return axes.sharded_like(jax.lax.scan(body, zeros, chunks)[0], like)
 
 
 def _require_contract(per_example_loss_fn: Any, batch: Any, who: str) -> None:
@@ -391,7 +398,8 @@ def _refresh_if(pred: jax.Array, refresh: Callable[[], Any], keep: Callable[[], 
   """``lax.cond(pred, refresh, keep)``; outside ``jit`` (a concrete ``pred``) only one runs."""
   if not isinstance(pred, jax.core.Tracer):
     return refresh() if bool(pred) else keep()
-  return jax.lax.cond(pred, refresh, keep)
+  # On an Explicit mesh the refreshed value takes the sharding the state already has.
+  return jax.lax.cond(pred, lambda: axes.sharded_like(refresh(), keep()), keep)
 
 
 def _apply_mask(updates: Any, mask: Any) -> Any:
@@ -399,7 +407,7 @@ def _apply_mask(updates: Any, mask: Any) -> Any:
 
 
 def _zeros_mask(params: Any) -> Any:
-  return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), bool), params)
+  return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=bool), params)
 
 
 # ---------------------------------------------------------------------------------------
@@ -567,6 +575,8 @@ class DynamicMaskState(NamedTuple):
 
 
 def _drop_and_regrow(scores: list[jax.Array], mask: list[jax.Array], fraction, key):
+  like = mask
+  scores, mask = axes.unsharded(scores), axes.unsharded(mask)  # no sharded sort
   score = _concat([jnp.abs(s) for s in scores])
   active = jnp.concatenate([jnp.ravel(m) for m in mask] or [jnp.zeros(0, bool)])
   total = active.size
@@ -583,7 +593,7 @@ def _drop_and_regrow(scores: list[jax.Array], mask: list[jax.Array], fraction, k
   noise = jax.random.uniform(key, (total,))
   grow_order = jnp.lexsort((noise, active))
   grown = jnp.zeros(total, bool).at[grow_order].set(ranks < dropped_count)
-  return _split_like((active & ~dropped) | grown, mask)
+  return axes.sharded_like(_split_like((active & ~dropped) | grown, mask), like)
 
 
 @functools.partial(jax.jit, static_argnums=2)

@@ -44,15 +44,16 @@ def main(process_id: int, num_processes: int, port: int, out_file: str) -> None:
   }.items():
 
     def step(params, state, batch, tx=tx):
-      grads = jax.grad(helpers.loss_jax)(params, batch)
+      # JAX's defaults: shard_map checks replication, so the clean gradient is taken
+      # with respect to params cast to varying (each device's own gradient).
+      local = jax.lax.pcast(params, "d", to="varying")
+      grads = jax.grad(helpers.loss_jax)(local, batch)
       grad_fn = lambda w: jax.grad(helpers.loss_jax)(w, batch)
       updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
       return optax.apply_updates(params, updates), state
 
     with jax.set_mesh(mesh):
-      sharded = jax.jit(
-        jax.shard_map(step, in_specs=(P(), P(), P("d")), out_specs=(P(), P()), check_vma=False)
-      )
+      sharded = jax.jit(jax.shard_map(step, in_specs=(P(), P(), P("d")), out_specs=(P(), P())))
       p, s = params, tx.init(params)
       for batch in global_batches(STEPS):
         batch = jax.tree.map(
@@ -63,8 +64,20 @@ def main(process_id: int, num_processes: int, port: int, out_file: str) -> None:
         )
         p, s = sharded(p, s, batch)
     results[name] = {k: np.asarray(v.addressable_shards[0].data) for k, v in p.items()}
-  if process_id == 0:
-    np.savez(out_file, **{f"{n}/{k}": v for n, r in results.items() for k, v in r.items()})
+  # Hyperparameters that differ between processes are refused at init, on every process.
+  mismatch = samx.looksam(optax.sgd(LR), rho=RHO, k=2 + process_id, axis_name="d")
+  try:
+    mismatch.init(params)
+    raised = ""
+  except ValueError as err:
+    raised = str(err)
+  matching = samx.looksam(optax.sgd(LR), rho=RHO, k=2, axis_name="d")
+  matching.init(params)  # the same configuration everywhere: no error
+  np.savez(
+    f"{out_file}.{process_id}.npz",
+    raised=np.asarray(raised),
+    **{f"{n}/{k}": v for n, r in results.items() for k, v in r.items()},
+  )
   jax.distributed.shutdown()
 
 

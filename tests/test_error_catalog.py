@@ -46,6 +46,29 @@ def _traced_update(tx):
   return jax.jit(step)(tx.init(PARAMS))
 
 
+def _shard_map_call(fn):
+  """``fn(x)`` inside shard_map over 2 devices (replication checking on, JAX's default)."""
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((2,), ("d",), devices=jax.devices()[:2])
+  with jax.set_mesh(mesh):
+    return jax.jit(jax.shard_map(fn, in_specs=P(), out_specs=P()))(jnp.ones(2))
+
+
+def _shard_map_update(tx, *, cast):
+  """One update inside shard_map, the clean gradient taken w.r.t. replicated params."""
+  from jax.sharding import PartitionSpec as P
+
+  def step(params):
+    local = jax.lax.pcast(params, "d", to="varying") if cast else params
+    grads = jax.grad(LOSS)(local)
+    return tx.update(grads, tx.init(params), params, grad_fn=jax.grad(LOSS))[0]
+
+  mesh = jax.make_mesh((2,), ("d",), devices=jax.devices()[:2])
+  with jax.set_mesh(mesh):
+    return jax.jit(jax.shard_map(step, in_specs=P(), out_specs=P()))(PARAMS)
+
+
 class Misuse(NamedTuple):
   name: str  # the public name, "module.name" for the exported modules' functions
   misuse: str
@@ -886,6 +909,41 @@ CATALOG = [
     NameError,
     r"skip_nonfinite: axis_name='d' is not bound",
   ),
+  Misuse(
+    "nonfinite.skip_nonfinite",
+    "axis_name=None under a pmap axis",
+    lambda: jax.pmap(
+      lambda g: skip_nonfinite(SGD).update(g, skip_nonfinite(SGD).init(g))[0], axis_name="d"
+    )(jnp.ones((2, 3))),
+    ValueError,
+    r"skip_nonfinite: the step runs under the named device axes \('d',\)(.|\n)*"
+    r"samx\.skip_nonfinite\(tx, axis_name='d'\)",
+  ),
+  # ---------------------------------------------------------------- data parallelism
+  Misuse(
+    "sam",
+    "an already-summed clean gradient under shard_map with check_vma=True",
+    lambda: _shard_map_update(samx.sam(SGD, axis_name="d"), cast=False),
+    ValueError,
+    r"the clean gradient \(updates\) is not per device along axis_name='d'(.|\n)*"
+    r"jax\.lax\.pcast\(params, 'd', to='varying'\)",
+  ),
+  Misuse(
+    "axes.require_per_device",
+    "an invariant gradient under shard_map with check_vma=True",
+    lambda: _shard_map_call(
+      lambda g: samx.axes.require_per_device(g, "d", what="g", who="doc") or g
+    ),
+    ValueError,
+    r"doc: g is not per device along axis_name='d'",
+  ),
+  Misuse(
+    "axes.replication_checked",
+    "an unbound axis",
+    lambda: jax.jit(lambda x: samx.axes.replication_checked("i") or x)(jnp.ones(2)),
+    NameError,
+    r"axis_name='i' is not bound here",
+  ),
   # ---------------------------------------------------------------- diagnostics
   Misuse(
     "diagnostics.hessian_eigenvalues",
@@ -1030,6 +1088,9 @@ NO_USER_INPUT = {
   "numerics.safe_inverse": "any array is valid input",
   "nonfinite.SkipNonfiniteState": "optimizer state",
   "nonfinite.all_finite": "any pytree of arrays is valid input",
+  "axes.bound_data_axes": "takes no argument",
+  "axes.configuration_fingerprint": "any Python values are valid input",
+  "axes.varying_axes": "any value is valid input (non-arrays have no axes)",
 }
 
 

@@ -1,4 +1,9 @@
-"""Two processes (jax.distributed, gloo) run mSAM and synced SAM on one global mesh."""
+"""Two processes (jax.distributed, gloo) run mSAM and synced SAM on one global mesh.
+
+They run ``jax.shard_map`` with JAX's defaults (replication checking) and must
+match the single-process reference; a configuration that differs between the
+processes (LookSAM's ``k``) is refused at init on both.
+"""
 
 from __future__ import annotations
 
@@ -60,7 +65,10 @@ def test_two_processes_match_the_single_process_reference(tmp_path):
   for worker, log in zip(workers, logs, strict=True):
     assert worker.returncode == 0, log[-3000:]
 
-  saved = np.load(out)
+  for i in range(PROCESSES):
+    raised = str(np.load(f"{out}.{i}.npz")["raised"])
+    assert "processes of this jax.distributed run built different optimizer" in raised, raised
+  saved = np.load(f"{out}.0.npz")
   params = helpers.make_problem(0)[0]
   batches = global_batches(STEPS)
   expected = {

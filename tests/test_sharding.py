@@ -1,0 +1,276 @@
+"""Sharding conformance: every variant gives the single-device step under every parallelism.
+
+Over the one registry in ``tests/sharding_registry.py`` (every alias, the README's
+composition, per-device eps, micro-shards on top of devices, the non-finite guard),
+with JAX's defaults and the loss written the way users write it (a plain mean over
+the local batch, no ``pmean`` in the loss):
+
+* ``pmap`` with ``axis_name``;
+* ``jax.shard_map`` with ``check_vma=True`` (JAX's default) and ``False``, on the
+  mesh ``jax.make_mesh`` builds by default (Explicit axes), params replicated;
+* ``jax.jit`` over a sharded batch on an Auto and on an Explicit mesh, no axis name;
+* ``jax.jit`` with FSDP-style params (every leaf sharded on dim 0 over the data
+  axis), on an Explicit and an Auto mesh.
+
+Each runs 3 steps and must equal the single-device run within float32 tolerance.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import samx
+from tests import sharding_registry as reg
+
+AXIS, DEVICES = reg.AXIS, reg.DEVICES
+MODES = [
+  "pmap",
+  "shard_map_vma",
+  "shard_map_no_vma",
+  "jit_auto",
+  "jit_explicit",
+  "fsdp_explicit",
+  "fsdp_auto",
+]
+# CI runs every variant under the modes that broke before (replication checking,
+# Explicit meshes, FSDP) and every mode for a representative set; `-m slow` or
+# SAMX_FULL_SHARDING=1 runs the whole matrix.
+REPRESENTATIVE = {"sam", "msam", "gsam", "ssam_fisher", "esam_sds", "sam_micro_shards"}
+HARD_MODES = {"shard_map_vma", "jit_explicit", "fsdp_explicit"}
+
+
+def _cases():
+  for name in sorted(reg.VARIANTS):
+    for mode in MODES:
+      marks = ()
+      if name not in REPRESENTATIVE and mode not in HARD_MODES:
+        marks = (pytest.mark.slow_matrix,)
+      yield pytest.param(name, mode, id=f"{name}-{mode}", marks=marks)
+
+
+def _extra_args(batch, grad_params=None):
+  return {
+    "grad_fn": lambda p: jax.grad(reg.loss)(p, batch),
+    "per_example_loss_fn": reg.per_example_loss,
+    "batch": batch,
+  }
+
+
+def _step(tx, *, cast_for_clean_grads=False):
+  """The user's step: clean gradient, one update, apply."""
+
+  def step(params, state, batch):
+    local = jax.lax.pcast(params, AXIS, to="varying") if cast_for_clean_grads else params
+    grads = jax.grad(reg.loss)(local, batch)
+    updates, state = tx.update(grads, state, params, **_extra_args(batch))
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+@functools.cache
+def _reference(name):
+  params, batches = reg.make_problem()
+  tx = reg.VARIANTS[name].make("single")
+  step = jax.jit(_step(tx))
+  p, s = params, tx.init(params)
+  for batch in batches:
+    p, s = step(p, s, batch)
+  return jax.tree.map(np.asarray, p)
+
+
+def _run_pmap(tx, params, batches):
+  replicate = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (DEVICES, *x.shape)), t)
+  split = lambda b: jax.tree.map(lambda x: x.reshape(DEVICES, -1, *x.shape[1:]), b)
+  step = jax.pmap(_step(tx), axis_name=AXIS)
+  p, s = replicate(params), replicate(tx.init(params))
+  for batch in batches:
+    p, s = step(p, s, split(batch))
+  return jax.tree.map(lambda x: x[0], p), jax.tree.map(lambda x: x[-1], p)
+
+
+def _per_device_leaves(state, per_device):
+  """True for the leaves of every ascent state (per device with one eps per device)."""
+
+  def node(x):
+    if isinstance(x, samx.SharpnessAwareState):
+      return x._replace(
+        ascent_state=jax.tree.map(lambda _: per_device, x.ascent_state),
+        combine_state=jax.tree.map(lambda _: False, x.combine_state),
+        base_state=jax.tree.map(lambda _: False, x.base_state),
+      )
+    return False
+
+  return jax.tree.map(node, state, is_leaf=lambda x: isinstance(x, samx.SharpnessAwareState))
+
+
+def _run_shard_map(tx, params, batches, *, check_vma, per_device):
+  """shard_map on jax.make_mesh's default mesh, params and state replicated.
+
+  With one eps per device the ascent state (F-SAM's EMA, ...) differs between
+  devices: it travels as ``P(AXIS)`` with a leading axis of size ``DEVICES``, which
+  every device drops on entry and adds back on exit.
+  """
+  mesh = jax.make_mesh((DEVICES,), (AXIS,))
+  state = tx.init(params)
+  flags = _per_device_leaves(state, per_device)
+  stack = lambda t: jax.tree.map(lambda f, x: jnp.stack([x] * DEVICES) if f else x, flags, t)
+  specs = jax.tree.map(lambda f: P(AXIS) if f else P(), flags)
+
+  def body(params, state, batch):
+    state = jax.tree.map(lambda f, x: x[0] if f else x, flags, state)
+    params, state = _step(tx, cast_for_clean_grads=check_vma)(params, state, batch)
+    return params, jax.tree.map(lambda f, x: x[None] if f else x, flags, state)
+
+  with jax.set_mesh(mesh):
+    step = jax.jit(
+      jax.shard_map(
+        body, in_specs=(P(), specs, P(AXIS)), out_specs=(P(), specs), check_vma=check_vma
+      )
+    )
+    p = jax.device_put(params, NamedSharding(mesh, P()))
+    s = jax.tree.map(
+      lambda sp, x: jax.device_put(x, NamedSharding(mesh, sp)), specs, stack(state)
+    )
+    for batch in batches:
+      p, s = step(p, s, jax.device_put(batch, NamedSharding(mesh, P(AXIS))))
+  return p, None
+
+
+def _run_jit(tx, params, batches, *, axis_type, fsdp):
+  mesh = jax.make_mesh((DEVICES,), (AXIS,), axis_types=(axis_type,))
+  spec = lambda x: P(AXIS) if fsdp and x.ndim and x.shape[0] % DEVICES == 0 else P()
+  with jax.set_mesh(mesh):
+    p = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), params)
+    step = jax.jit(_step(tx))
+    s = tx.init(p)
+    for batch in batches:
+      p, s = step(p, s, jax.device_put(batch, NamedSharding(mesh, P(AXIS))))
+    if fsdp:
+      for leaf in jax.tree.leaves(p):
+        assert leaf.sharding.spec[0] == AXIS, leaf.sharding  # still FSDP-sharded
+  return p, None
+
+
+def run(name, mode):
+  variant = reg.VARIANTS[name]
+  params, batches = reg.make_problem()
+  if mode == "pmap":
+    return _run_pmap(variant.make("axis"), params, batches)
+  if mode.startswith("shard_map"):
+    return _run_shard_map(
+      variant.make("axis"),
+      params,
+      batches,
+      check_vma=mode == "shard_map_vma",
+      per_device=variant.per_device_eps,
+    )
+  axis_type = AxisType.Explicit if mode.endswith("explicit") else AxisType.Auto
+  return _run_jit(
+    variant.make("jit"), params, batches, axis_type=axis_type, fsdp=mode.startswith("fsdp")
+  )
+
+
+def relative_error(actual, expected):
+  diff = [
+    np.asarray(a, np.float64) - np.asarray(e, np.float64)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True)
+  ]
+  norm = lambda xs: np.sqrt(sum(np.sum(np.square(x)) for x in xs))
+  return norm(diff) / norm([np.asarray(e, np.float64) for e in jax.tree.leaves(expected)])
+
+
+@pytest.mark.parametrize("name, mode", list(_cases()))
+def test_matches_the_single_device_step(name, mode):
+  expected = _reference(name)
+  actual, other_replica = run(name, mode)
+  err = relative_error(actual, expected)
+  assert err < reg.VARIANTS[name].rtol, f"{name} under {mode}: relative error {err:.2e}"
+  if other_replica is not None:  # replicas stay identical
+    assert relative_error(other_replica, actual) == 0.0
+  start = reg.make_problem()[0]
+  assert relative_error(start, expected) > 1e-3  # the steps moved the params
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+def collective_counts(name, mode):
+  """The collectives in the compiled HLO of one step of ``name`` under ``mode``."""
+  variant = reg.VARIANTS[name]
+  params, batches = reg.make_problem(steps=1)
+  batch = batches[0]
+  if mode == "pmap":
+    tx = variant.make("axis")
+    replicate = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (DEVICES, *x.shape)), t)
+    split = lambda b: jax.tree.map(lambda x: x.reshape(DEVICES, -1, *x.shape[1:]), b)
+    lowered = jax.pmap(_step(tx), axis_name=AXIS).lower(
+      replicate(params), replicate(tx.init(params)), split(batch)
+    )
+  elif mode.startswith("shard_map"):
+    tx = variant.make("axis")
+    check_vma = mode == "shard_map_vma"
+    mesh = jax.make_mesh((DEVICES,), (AXIS,))
+    state = tx.init(params)
+    flags = _per_device_leaves(state, variant.per_device_eps)
+    specs = jax.tree.map(lambda f: P(AXIS) if f else P(), flags)
+    stacked = jax.tree.map(lambda f, x: jnp.stack([x] * DEVICES) if f else x, flags, state)
+
+    def body(params, state, batch):
+      state = jax.tree.map(lambda f, x: x[0] if f else x, flags, state)
+      params, state = _step(tx, cast_for_clean_grads=check_vma)(params, state, batch)
+      return params, jax.tree.map(lambda f, x: x[None] if f else x, flags, state)
+
+    with jax.set_mesh(mesh):
+      fn = jax.shard_map(
+        body, in_specs=(P(), specs, P(AXIS)), out_specs=(P(), specs), check_vma=check_vma
+      )
+      stacked = jax.tree.map(
+        lambda sp, x: jax.device_put(x, NamedSharding(mesh, sp)), specs, stacked
+      )
+      lowered = jax.jit(fn).lower(
+        jax.device_put(params, NamedSharding(mesh, P())),
+        stacked,
+        jax.device_put(batch, NamedSharding(mesh, P(AXIS))),
+      )
+  else:
+    tx = variant.make("jit")
+    axis_type = AxisType.Explicit if mode.endswith("explicit") else AxisType.Auto
+    mesh = jax.make_mesh((DEVICES,), (AXIS,), axis_types=(axis_type,))
+    fsdp = mode.startswith("fsdp")
+    spec = lambda x: P(AXIS) if fsdp and x.ndim and x.shape[0] % DEVICES == 0 else P()
+    with jax.set_mesh(mesh):
+      p = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), params)
+      lowered = jax.jit(_step(tx)).lower(
+        p, tx.init(p), jax.device_put(batch, NamedSharding(mesh, P(AXIS)))
+      )
+  text = lowered.compile().as_text()
+  counts = {}
+  for op in COLLECTIVES:
+    pattern = re.compile(rf"\s{op}(-start)?\(")  # the opcode, not an operand name
+    counts[op] = sum(1 for line in text.splitlines() if pattern.search(line))
+  return counts
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map_vma", "shard_map_no_vma", "jit_auto"])
+def test_per_device_eps_needs_one_gradient_all_reduce(mode):
+  # mSAM: one eps per device, no collective before the ascent, one mean of g_s.
+  # Under jit over a sharded batch, per-device eps is micro_shards = devices.
+  counts = collective_counts("msam", mode)
+  assert counts["all-reduce"] == 1, counts
+  assert sum(counts.values()) == 1, counts
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map_vma"])
+def test_synced_sam_needs_two_all_reduces(mode):
+  counts = collective_counts("sam", mode)
+  assert counts["all-reduce"] == 2, counts
