@@ -186,25 +186,21 @@ def max_relative_error(actual, expected) -> float:
 def device_step(tx: optax.GradientTransformationExtraArgs, mesh: Mesh) -> Callable:
   """A data-parallel step over ``mesh``: replicated params and state, batch split.
 
-  The gradients are the local ones (no replication checking); samx averages them.
+  JAX's defaults (replication checking): the clean gradient is taken with respect
+  to the params cast to varying, i.e. each device's own; samx averages them.
   """
 
   def step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    local = jax.lax.pcast(params, AXIS, to="varying")
+    loss, grads = jax.value_and_grad(loss_fn)(local, batch)
     updates, opt_state = tx.update(
       grads, opt_state, params, grad_fn=lambda p: jax.grad(loss_fn)(p, batch)
     )
     return optax.apply_updates(params, updates), opt_state, loss[None]  # local loss
 
-  # check_vma=False: with replication checking, jax.grad of the replicated params
-  # would already be summed over the axis, leaving nothing per device for mSAM.
   return jax.jit(
     jax.shard_map(
-      step,
-      mesh=mesh,
-      in_specs=(P(), P(), P(AXIS)),
-      out_specs=(P(), P(), P(AXIS)),
-      check_vma=False,
+      step, mesh=mesh, in_specs=(P(), P(), P(AXIS)), out_specs=(P(), P(), P(AXIS))
     )
   )
 

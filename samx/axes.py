@@ -60,6 +60,30 @@ LOCAL_GRAD_CALL = (
 )
 
 
+def check_axis_name(axis_name: Any, *, who: str, argument: str = "axis_name") -> None:
+  """Raises unless ``axis_name`` is None, a non-empty str, or a non-empty tuple of them.
+
+  >>> check_axis_name(("hosts", "chips"), who="doc")
+  >>> check_axis_name(3, who="doc")
+  Traceback (most recent call last):
+  ...
+  TypeError: doc: axis_name must be None, a non-empty str ... got axis_name=3
+  """
+  if axis_name is None:
+    return
+  names = (axis_name,) if isinstance(axis_name, str) else axis_name
+  if not isinstance(names, tuple) or not names or not all(
+    isinstance(n, str) and n for n in names
+  ):
+    raise TypeError(
+      f"{who}: {argument} must be None, a non-empty str (the name of the pmap / shard_map "
+      f"data axis, e.g. {argument}='data') or a non-empty tuple of them (e.g. "
+      f"('hosts', 'chips')); got {argument}={axis_name!r}"
+    )
+  if len(set(names)) != len(names):
+    raise ValueError(f"{who}: {argument} names an axis twice; got {argument}={axis_name!r}")
+
+
 def axis_names(axis_name: AxisName) -> tuple[str, ...]:
   """``axis_name`` as a tuple of names (``()`` for ``None``).
 

@@ -180,6 +180,7 @@ def skip_nonfinite(
     :func:`optax.apply_if_finite`, which checks the incoming gradient only.
   """
   _check_max_errors(max_consecutive_errors)
+  axes.check_axis_name(axis_name, who="skip_nonfinite")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):

@@ -157,6 +157,7 @@ def sharpness_aware(
   >>> [round(float(u), 4) for u in updates]   # -0.1 * 2 * (w + 0.5 * w / |w|)
   [-0.66, -0.88]
   """
+  axes.check_axis_name(axis_name, who=name)
   ascent_axes = _ascent_axes(sync_ascent, axis_name)
   # The axes g still has to be averaged over after the ascent (a mean of group means).
   rest_axes = tuple(
@@ -330,7 +331,7 @@ def _ascent_axes(sync_ascent: Any, axis_name: Any) -> str | tuple[str, ...] | No
     return axis_name
   if sync_ascent is False or sync_ascent is None:
     return None
-  wanted = axes.axis_names(sync_ascent)
+  wanted = axes.axis_names(sync_ascent) if isinstance(sync_ascent, (str, tuple)) else ()
   if not wanted or not set(wanted) <= set(axes.axis_names(axis_name)):
     raise ValueError(
       "sync_ascent must be True, False, or axis names contained in axis_name; got "

@@ -922,6 +922,35 @@ CATALOG = [
   # ---------------------------------------------------------------- data parallelism
   Misuse(
     "sam",
+    "axis_name not a str or tuple of str",
+    lambda: samx.sam(SGD, axis_name=3),
+    TypeError,
+    r"samx\.sam: axis_name must be None, a non-empty str \(the name of the pmap / shard_map "
+    r"data axis, e\.g\. axis_name='data'\) or a non-empty tuple of them(.|\n)*got axis_name=3",
+  ),
+  Misuse(
+    "sam",
+    "sync_ascent a number",
+    lambda: samx.sam(SGD, axis_name="d", sync_ascent=1),
+    ValueError,
+    r"sync_ascent must be True, False, or axis names contained in axis_name; got sync_ascent=1",
+  ),
+  Misuse(
+    "sharpness_aware",
+    "axis_name naming an axis twice",
+    lambda: samx.sharpness_aware(SGD, samx.scale_by_sam(), axis_name=("d", "d")),
+    ValueError,
+    r"axis_name names an axis twice; got axis_name=\('d', 'd'\)",
+  ),
+  Misuse(
+    "nonfinite.skip_nonfinite",
+    "axis_name a bool",
+    lambda: skip_nonfinite(SGD, axis_name=True),
+    TypeError,
+    r"skip_nonfinite: axis_name must be None, a non-empty str(.|\n)*got axis_name=True",
+  ),
+  Misuse(
+    "sam",
     "an already-summed clean gradient under shard_map with check_vma=True",
     lambda: _shard_map_update(samx.sam(SGD, axis_name="d"), cast=False),
     ValueError,
