@@ -199,9 +199,7 @@ def device_step(tx: optax.GradientTransformationExtraArgs, mesh: Mesh) -> Callab
     return optax.apply_updates(params, updates), opt_state, loss[None]  # local loss
 
   return jax.jit(
-    jax.shard_map(
-      step, mesh=mesh, in_specs=(P(), P(), P(AXIS)), out_specs=(P(), P(), P(AXIS))
-    )
+    jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(AXIS)), out_specs=(P(), P(), P(AXIS)))
   )
 
 

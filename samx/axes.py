@@ -72,8 +72,10 @@ def check_axis_name(axis_name: Any, *, who: str, argument: str = "axis_name") ->
   if axis_name is None:
     return
   names = (axis_name,) if isinstance(axis_name, str) else axis_name
-  if not isinstance(names, tuple) or not names or not all(
-    isinstance(n, str) and n for n in names
+  if (
+    not isinstance(names, tuple)
+    or not names
+    or not all(isinstance(n, str) and n for n in names)
   ):
     raise TypeError(
       f"{who}: {argument} must be None, a non-empty str (the name of the pmap / shard_map "
@@ -205,12 +207,12 @@ def varying_along(tree: Any, axis_name: AxisName) -> Any:
   return jax.tree.map(leaf, tree)
 
 
-def _float_leaves(tree: Any) -> list[tuple[Any, Any]]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+def _float_leaf_paths(tree: Any, predicate: Any) -> list[str]:
+  """The paths of the non-empty floating-point leaves of ``tree`` where ``predicate`` holds."""
   return [
-    (path, x)
-    for path, x in leaves
-    if jnp.issubdtype(jnp.result_type(x), jnp.inexact) and jnp.size(x) > 0
+    jax.tree_util.keystr(path) or "<root>"
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact) and jnp.size(x) > 0 and predicate(x)
   ]
 
 
@@ -232,11 +234,7 @@ def require_per_device(tree: Any, axis_name: AxisName, *, what: str, who: str) -
   names = axis_names(axis_name)
   if not names or not replication_checked(axis_name):
     return
-  reduced = [
-    jax.tree_util.keystr(path) or "<root>"
-    for path, x in _float_leaves(tree)
-    if not set(names) <= varying_axes(x)
-  ]
+  reduced = _float_leaf_paths(tree, lambda x: not set(names) <= varying_axes(x))
   if reduced:
     axis = names[0] if len(names) == 1 else names
     raise ValueError(
@@ -260,11 +258,7 @@ def require_replicated(params: Any, axis_name: AxisName, *, who: str) -> None:
   names = axis_names(axis_name)
   if not names or not replication_checked(axis_name):
     return
-  sharded = [
-    jax.tree_util.keystr(path) or "<root>"
-    for path, x in _float_leaves(params)
-    if set(names) & varying_axes(x)
-  ]
+  sharded = _float_leaf_paths(params, lambda x: bool(set(names) & varying_axes(x)))
   if sharded:
     raise ValueError(
       f"{who}: params {sharded[:4]}{' ...' if len(sharded) > 4 else ''} vary along "

@@ -20,6 +20,7 @@ divisible by the device count, so FSDP can shard every large leaf on dim 0.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -102,6 +103,20 @@ def _sgdm():
   return optax.sgd(0.1, momentum=0.9)
 
 
+def _fisher_ssam(sparsity=None, pattern="unstructured", **kw):
+  """SSAM-F; the Fisher of the global batch: every example once, summed over devices."""
+  num_samples = PER_DEVICE if kw.get("axis_name") else BATCH
+  return samx.ssam(
+    _sgdm(),
+    rho=0.05,
+    sparsity=sparsity,
+    pattern=pattern,
+    num_samples=num_samples,
+    refresh_every=2,
+    **kw,
+  )
+
+
 _NORM_MASK = {"W1": False, "b1": True, "W2": False}
 
 
@@ -129,39 +144,10 @@ VARIANTS: dict[str, Variant] = {
   "asam_layerwise": Variant(lambda **kw: samx.asam(_sgdm(), rho=0.5, layerwise=True, **kw)),
   "msam": Variant(lambda **kw: samx.msam(_sgdm(), rho=0.05, **kw), per_device_eps=True),
   "sam_on": Variant(lambda **kw: samx.sam_on(_sgdm(), rho=0.5, mask=_NORM_MASK, **kw)),
-  "ssam_fisher": Variant(
-    lambda **kw: samx.ssam(
-      _sgdm(),
-      rho=0.05,
-      sparsity=0.5,
-      num_samples=BATCH if "axis_name" not in kw else PER_DEVICE,
-      refresh_every=2,
-      **kw,
-    ),
-    contract="per_example",
-  ),
-  "ssam_2:4": Variant(
-    lambda **kw: samx.ssam(
-      _sgdm(),
-      rho=0.05,
-      pattern="2:4",
-      num_samples=BATCH if "axis_name" not in kw else PER_DEVICE,
-      refresh_every=2,
-      **kw,
-    ),
-    contract="per_example",
-  ),
+  "ssam_fisher": Variant(functools.partial(_fisher_ssam, sparsity=0.5), contract="per_example"),
+  "ssam_2:4": Variant(functools.partial(_fisher_ssam, pattern="2:4"), contract="per_example"),
   "ssam_structured": Variant(
-    lambda **kw: samx.ssam(
-      _sgdm(),
-      rho=0.05,
-      sparsity=0.5,
-      pattern="structured",
-      num_samples=BATCH if "axis_name" not in kw else PER_DEVICE,
-      refresh_every=2,
-      **kw,
-    ),
-    contract="per_example",
+    functools.partial(_fisher_ssam, sparsity=0.5, pattern="structured"), contract="per_example"
   ),
   "ssam_dynamic": Variant(
     lambda **kw: samx.ssam(

@@ -17,8 +17,10 @@ Each runs 3 steps and must equal the single-device run within float32 tolerance.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -106,16 +108,6 @@ def _reference(name):
   return jax.tree.map(np.asarray, p)
 
 
-def _run_pmap(tx, params, batches):
-  replicate = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (DEVICES, *x.shape)), t)
-  split = lambda b: jax.tree.map(lambda x: x.reshape(DEVICES, -1, *x.shape[1:]), b)
-  step = jax.pmap(_step(tx), axis_name=AXIS)
-  p, s = replicate(params), replicate(tx.init(params))
-  for batch in batches:
-    p, s = step(p, s, split(batch))
-  return jax.tree.map(lambda x: x[0], p), jax.tree.map(lambda x: x[-1], p)
-
-
 def _per_device_leaves(state, per_device):
   """True for the leaves of every ascent state (per device with one eps per device)."""
 
@@ -131,71 +123,91 @@ def _per_device_leaves(state, per_device):
   return jax.tree.map(node, state, is_leaf=lambda x: isinstance(x, samx.SharpnessAwareState))
 
 
-def _run_shard_map(tx, params, batches, *, check_vma, per_device):
-  """shard_map on jax.make_mesh's default mesh, params and state replicated.
+class Placed(NamedTuple):
+  """One parallel step and its inputs placed for it."""
 
-  With one eps per device the ascent state (F-SAM's EMA, ...) differs between
-  devices: it travels as ``P(AXIS)`` with a leading axis of size ``DEVICES``, which
-  every device drops on entry and adds back on exit.
-  """
-  mesh = jax.make_mesh((DEVICES,), (AXIS,))
-  state = tx.init(params)
-  flags = _per_device_leaves(state, per_device)
-  stack = lambda t: jax.tree.map(lambda f, x: jnp.stack([x] * DEVICES) if f else x, flags, t)
-  specs = jax.tree.map(lambda f: P(AXIS) if f else P(), flags)
+  step: Any  # the jitted (or pmapped) step
+  params: Any  # the params placed on the devices
+  state: Any  # the optimizer state placed on the devices
+  batch: Any  # batch -> the batch placed on the devices
+  mesh: Any  # the mesh to set while running (None for pmap)
+  first: Any  # placed params -> params of the first replica (for the comparison)
 
-  def body(params, state, batch):
-    state = jax.tree.map(lambda f, x: x[0] if f else x, flags, state)
-    params, state = _step(tx, cast_for_clean_grads=check_vma)(params, state, batch)
-    return params, jax.tree.map(lambda f, x: x[None] if f else x, flags, state)
 
-  with jax.set_mesh(mesh):
-    step = jax.jit(
-      jax.shard_map(
-        body, in_specs=(P(), specs, P(AXIS)), out_specs=(P(), specs), check_vma=check_vma
-      )
+def place(name, mode, params):
+  """The user's step for ``mode`` and the params, state and batches placed for it."""
+  variant = reg.VARIANTS[name]
+  if mode == "pmap":
+    tx = variant.make("axis")
+    replicate = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (DEVICES, *x.shape)), t)
+    return Placed(
+      step=jax.pmap(_step(tx), axis_name=AXIS),
+      params=replicate(params),
+      state=replicate(tx.init(params)),
+      batch=lambda b: jax.tree.map(lambda x: x.reshape(DEVICES, -1, *x.shape[1:]), b),
+      mesh=None,
+      first=lambda p: jax.tree.map(lambda x: x[0], p),
     )
-    p = jax.device_put(params, NamedSharding(mesh, P()))
-    s = jax.tree.map(
-      lambda sp, x: jax.device_put(x, NamedSharding(mesh, sp)), specs, stack(state)
+  if mode.startswith("shard_map"):
+    # jax.make_mesh's default mesh, params and state replicated. With one eps per
+    # device the ascent state (F-SAM's EMA, ...) differs between devices: it travels
+    # as P(AXIS) with a leading axis of size DEVICES, dropped on entry, added on exit.
+    tx = variant.make("axis")
+    check_vma = mode == "shard_map_vma"
+    mesh = jax.make_mesh((DEVICES,), (AXIS,))
+    state = tx.init(params)
+    flags = _per_device_leaves(state, variant.per_device_eps)
+    specs = jax.tree.map(lambda f: P(AXIS) if f else P(), flags)
+    stacked = jax.tree.map(lambda f, x: jnp.stack([x] * DEVICES) if f else x, flags, state)
+
+    def body(params, state, batch):
+      state = jax.tree.map(lambda f, x: x[0] if f else x, flags, state)
+      params, state = _step(tx, cast_for_clean_grads=check_vma)(params, state, batch)
+      return params, jax.tree.map(lambda f, x: x[None] if f else x, flags, state)
+
+    step = jax.shard_map(
+      body, in_specs=(P(), specs, P(AXIS)), out_specs=(P(), specs), check_vma=check_vma
     )
-    for batch in batches:
-      p, s = step(p, s, jax.device_put(batch, NamedSharding(mesh, P(AXIS))))
-  return p, None
-
-
-def _run_jit(tx, params, batches, *, axis_type, fsdp):
+    put = lambda t, sp: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, sp)), t)
+    return Placed(
+      step=jax.jit(step),
+      params=put(params, P()),
+      state=jax.tree.map(lambda sp, x: put(x, sp), specs, stacked),
+      batch=lambda b: put(b, P(AXIS)),
+      mesh=mesh,
+      first=lambda p: p,
+    )
+  tx = variant.make("jit")
+  axis_type = AxisType.Explicit if mode.endswith("explicit") else AxisType.Auto
   mesh = jax.make_mesh((DEVICES,), (AXIS,), axis_types=(axis_type,))
+  fsdp = mode.startswith("fsdp")
   spec = lambda x: P(AXIS) if fsdp and x.ndim and x.shape[0] % DEVICES == 0 else P()
   with jax.set_mesh(mesh):
-    p = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), params)
-    step = jax.jit(_step(tx))
-    s = tx.init(p)
-    for batch in batches:
-      p, s = step(p, s, jax.device_put(batch, NamedSharding(mesh, P(AXIS))))
-    if fsdp:
-      for leaf in jax.tree.leaves(p):
-        assert leaf.sharding.spec[0] == AXIS, leaf.sharding  # still FSDP-sharded
-  return p, None
+    placed = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), params)
+    state = tx.init(placed)
+  return Placed(
+    step=jax.jit(_step(tx)),
+    params=placed,
+    state=state,
+    batch=lambda b: jax.device_put(b, NamedSharding(mesh, P(AXIS))),
+    mesh=mesh,
+    first=lambda p: p,
+  )
 
 
 def run(name, mode):
-  variant = reg.VARIANTS[name]
+  """Three steps of ``name`` under ``mode``; the params of the first and of the last replica."""
   params, batches = reg.make_problem()
-  if mode == "pmap":
-    return _run_pmap(variant.make("axis"), params, batches)
-  if mode.startswith("shard_map"):
-    return _run_shard_map(
-      variant.make("axis"),
-      params,
-      batches,
-      check_vma=mode == "shard_map_vma",
-      per_device=variant.per_device_eps,
-    )
-  axis_type = AxisType.Explicit if mode.endswith("explicit") else AxisType.Auto
-  return _run_jit(
-    variant.make("jit"), params, batches, axis_type=axis_type, fsdp=mode.startswith("fsdp")
-  )
+  placed = place(name, mode, params)
+  with jax.set_mesh(placed.mesh) if placed.mesh is not None else contextlib.nullcontext():
+    p, s = placed.params, placed.state
+    for batch in batches:
+      p, s = placed.step(p, s, placed.batch(batch))
+  if mode.startswith("fsdp"):
+    for leaf in jax.tree.leaves(p):
+      assert leaf.sharding.spec[0] == AXIS, leaf.sharding  # still FSDP-sharded
+  last = jax.tree.map(lambda x: x[-1], p) if mode == "pmap" else None
+  return placed.first(p), last
 
 
 def relative_error(actual, expected):
@@ -224,53 +236,10 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute
 
 def collective_counts(name, mode):
   """The collectives in the compiled HLO of one step of ``name`` under ``mode``."""
-  variant = reg.VARIANTS[name]
   params, batches = reg.make_problem(steps=1)
-  batch = batches[0]
-  if mode == "pmap":
-    tx = variant.make("axis")
-    replicate = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (DEVICES, *x.shape)), t)
-    split = lambda b: jax.tree.map(lambda x: x.reshape(DEVICES, -1, *x.shape[1:]), b)
-    lowered = jax.pmap(_step(tx), axis_name=AXIS).lower(
-      replicate(params), replicate(tx.init(params)), split(batch)
-    )
-  elif mode.startswith("shard_map"):
-    tx = variant.make("axis")
-    check_vma = mode == "shard_map_vma"
-    mesh = jax.make_mesh((DEVICES,), (AXIS,))
-    state = tx.init(params)
-    flags = _per_device_leaves(state, variant.per_device_eps)
-    specs = jax.tree.map(lambda f: P(AXIS) if f else P(), flags)
-    stacked = jax.tree.map(lambda f, x: jnp.stack([x] * DEVICES) if f else x, flags, state)
-
-    def body(params, state, batch):
-      state = jax.tree.map(lambda f, x: x[0] if f else x, flags, state)
-      params, state = _step(tx, cast_for_clean_grads=check_vma)(params, state, batch)
-      return params, jax.tree.map(lambda f, x: x[None] if f else x, flags, state)
-
-    with jax.set_mesh(mesh):
-      fn = jax.shard_map(
-        body, in_specs=(P(), specs, P(AXIS)), out_specs=(P(), specs), check_vma=check_vma
-      )
-      stacked = jax.tree.map(
-        lambda sp, x: jax.device_put(x, NamedSharding(mesh, sp)), specs, stacked
-      )
-      lowered = jax.jit(fn).lower(
-        jax.device_put(params, NamedSharding(mesh, P())),
-        stacked,
-        jax.device_put(batch, NamedSharding(mesh, P(AXIS))),
-      )
-  else:
-    tx = variant.make("jit")
-    axis_type = AxisType.Explicit if mode.endswith("explicit") else AxisType.Auto
-    mesh = jax.make_mesh((DEVICES,), (AXIS,), axis_types=(axis_type,))
-    fsdp = mode.startswith("fsdp")
-    spec = lambda x: P(AXIS) if fsdp and x.ndim and x.shape[0] % DEVICES == 0 else P()
-    with jax.set_mesh(mesh):
-      p = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), params)
-      lowered = jax.jit(_step(tx)).lower(
-        p, tx.init(p), jax.device_put(batch, NamedSharding(mesh, P(AXIS)))
-      )
+  placed = place(name, mode, params)
+  with jax.set_mesh(placed.mesh) if placed.mesh is not None else contextlib.nullcontext():
+    lowered = placed.step.lower(placed.params, placed.state, placed.batch(batches[0]))
   text = lowered.compile().as_text()
   counts = {}
   for op in COLLECTIVES:
