@@ -439,55 +439,5 @@ def test_map_params(name):
   assert jax.tree.structure(mapped) == jax.tree.structure(state)
 
 
-# ---------------------------------------------------------------------------
-# Data parallel: synced equals one device; per-device ascent keeps devices in step.
-# ---------------------------------------------------------------------------
-
-DEVICES, PER_DEVICE, AXIS = 4, 4, "data"
-
-# The three combinations average g the same way; LookSAM also has the evaluation
-# (with its pmean) inside lax.cond.
-PARALLEL = {
-  "looksam": lambda **kw: cv.looksam(optax.sgd(LR, momentum=MOMENTUM), k=2, **kw),
-}
-
-
-def _run_pmap(tx, params, batches):
-  def step(params, state, batch):
-    grads = jax.grad(helpers.loss_jax)(params, batch)
-    updates, state = tx.update(
-      grads, state, params, grad_fn=lambda p: jax.grad(helpers.loss_jax)(p, batch)
-    )
-    return optax.apply_updates(params, updates), state
-
-  pstep = jax.pmap(step, axis_name=AXIS, devices=jax.devices()[:DEVICES])
-  replicate = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (DEVICES, *x.shape)), t)
-  p, s = replicate(params), replicate(tx.init(params))
-  for batch in batches:
-    p, s = pstep(
-      p, s, jax.tree.map(lambda x: x.reshape(DEVICES, PER_DEVICE, *x.shape[1:]), batch)
-    )
-  return p
-
-
-@pytest.mark.parametrize("name", sorted(PARALLEL))
-def test_data_parallel(name):
-  params, _ = helpers.make_problem(0)
-  params = _f32(params)
-  batches = _f32(
-    [helpers.make_problem(10 + i, batch=DEVICES * PER_DEVICE)[1] for i in range(2)]
-  )
-  synced = _run_pmap(PARALLEL[name](axis_name=AXIS), params, batches)
-  single, _ = helpers.run_steps(PARALLEL[name](), params, batches)
-  first = jax.tree.map(lambda x: x[0], synced)
-  assert helpers.relative_error(first, helpers.to_numpy(single)) < 2e-5
-  # One eps per device: g is averaged inside the combination, so every device
-  # takes the same step and the replicas stay equal.
-  local = _run_pmap(PARALLEL[name](axis_name=AXIS, sync_ascent=False), params, batches)
-  for leaf in jax.tree.leaves(local):
-    np.testing.assert_allclose(
-      np.asarray(leaf), np.asarray(leaf[:1]).repeat(DEVICES, 0), rtol=1e-6
-    )
-  assert (
-    helpers.relative_error(jax.tree.map(lambda x: x[0], local), helpers.to_numpy(single)) > 1e-6
-  )
+# Data parallelism (synced and per-device eps, pmap, shard_map, sharded jit, FSDP) is
+# tests/test_sharding.py, over the registry in tests/sharding_registry.py.

@@ -46,10 +46,11 @@ MODES = [
 # CI runs a subset that still covers every variant and every mode: every variant under
 # shard_map with replication checking (JAX's default, the trap of summed gradients);
 # the variants with Explicit-mesh code paths (sorts, per-example and per-micro-shard
-# gradients, LookSAM's cond) with FSDP params on an Explicit mesh; and every mode for
-# SAM and mSAM. `-m slow_matrix` or SAMX_FULL_SHARDING=1 runs the whole matrix.
+# gradients, LookSAM's cond) and synced SAM with FSDP params on an Explicit mesh; and
+# every mode for mSAM. `-m slow_matrix` or SAMX_FULL_SHARDING=1 runs the whole matrix.
 EVERY_VARIANT_MODE = "shard_map_vma"
 EXPLICIT_PATHS = {
+  "sam",
   "ssam_fisher",
   "ssam_2:4",
   "ssam_structured",
@@ -59,7 +60,7 @@ EXPLICIT_PATHS = {
   "sam_micro_shards",
   "esam_sds",
 }
-EVERY_MODE = {"sam", "msam"}
+EVERY_MODE = {"msam"}  # per-device eps: pmap/shard_map vs micro_shards under jit
 
 
 def _in_ci_subset(name, mode):
