@@ -129,8 +129,11 @@ def sharpness_aware(
       default :func:`samx.gradient_at_perturbed` (calls ``grad_fn``).
     combination: the combine stage; default :func:`samx.use_perturbed_gradient`.
       It receives a function that evaluates ``g_s`` and may skip calling it.
-    axis_name: the named data-parallel axis under ``pmap`` / ``shard_map``; the
-      perturbed gradient is averaged over it. ``None`` under plain ``jit``.
+    axis_name: the named data-parallel axis (or a tuple of axes) under ``pmap`` /
+      ``shard_map``: ``g`` and ``g_s`` are averaged over it before the combination,
+      so no combination takes an axis name. Under ``shard_map`` with replication
+      checking the clean gradient must be each device's own (see :mod:`samx.axes`).
+      ``None`` under plain ``jit`` (sharded arrays need no axis name).
     sync_ascent: with ``axis_name``, which devices share one ``eps``: ``True``
       averages ``g`` over ``axis_name`` before the ascent (one global ``eps``, synced
       SAM); ``False`` keeps one ``eps`` per device (m-sharpness, no collective before

@@ -47,7 +47,7 @@ MODES = [
 # shard_map with replication checking (JAX's default, the trap of summed gradients);
 # the variants with Explicit-mesh code paths (sorts, per-example and per-micro-shard
 # gradients, LookSAM's cond) and synced SAM with FSDP params on an Explicit mesh; and
-# every mode for mSAM. `-m slow_matrix` or SAMX_FULL_SHARDING=1 runs the whole matrix.
+# every mode for mSAM. `-m beyond_ci` or SAMX_FULL=1 runs the whole matrix.
 EVERY_VARIANT_MODE = "shard_map_vma"
 EXPLICIT_PATHS = {
   "sam",
@@ -74,7 +74,7 @@ def _in_ci_subset(name, mode):
 def _cases():
   for name in sorted(reg.VARIANTS):
     for mode in MODES:
-      marks = () if _in_ci_subset(name, mode) else (pytest.mark.slow_matrix,)
+      marks = () if _in_ci_subset(name, mode) else (pytest.mark.beyond_ci,)
       yield pytest.param(name, mode, id=f"{name}-{mode}", marks=marks)
 
 
