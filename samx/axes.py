@@ -92,6 +92,7 @@ def axis_names(axis_name: AxisName) -> tuple[str, ...]:
   >>> axis_names("data"), axis_names(("hosts", "chips")), axis_names(None)
   (('data',), ('hosts', 'chips'), ())
   """
+  check_axis_name(axis_name, who="samx.axes")
   if axis_name is None:
     return ()
   return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)

@@ -334,7 +334,10 @@ def _ascent_axes(sync_ascent: Any, axis_name: Any) -> str | tuple[str, ...] | No
     return axis_name
   if sync_ascent is False or sync_ascent is None:
     return None
-  wanted = axes.axis_names(sync_ascent) if isinstance(sync_ascent, (str, tuple)) else ()
+  try:
+    wanted = axes.axis_names(sync_ascent) if isinstance(sync_ascent, (str, tuple)) else ()
+  except (TypeError, ValueError):  # not axis names at all: the message below says what is
+    wanted = ()
   if not wanted or not set(wanted) <= set(axes.axis_names(axis_name)):
     raise ValueError(
       "sync_ascent must be True, False, or axis names contained in axis_name; got "
